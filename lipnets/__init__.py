@@ -1,0 +1,29 @@
+"""lipnets: Lipschitz-by-construction layers for PyTorch, with sound bounds.
+
+The public API is curated here. A *bound* (from [`lipnets.bounds`][lipnets.bounds])
+is a sound upper bound on a Lipschitz constant, computed from the weights a
+model actually has; an *estimate* (from `lipnets.estimators`) is a lower bound
+that only checks it.
+"""
+
+from lipnets import bounds, errors, functional, nn
+from lipnets._version import __version__
+from lipnets.bounds import lipschitz_bound, register_bound
+from lipnets.errors import ShapeRequiredError, UnboundedModuleError, UntraceableModelError
+from lipnets.nn import FullSort, GroupSort, MaxMin
+
+__all__ = [
+    "FullSort",
+    "GroupSort",
+    "MaxMin",
+    "ShapeRequiredError",
+    "UnboundedModuleError",
+    "UntraceableModelError",
+    "__version__",
+    "bounds",
+    "errors",
+    "functional",
+    "lipschitz_bound",
+    "nn",
+    "register_bound",
+]

@@ -1,0 +1,21 @@
+"""Sound Lipschitz bounds: per-module rules and their composition over the graph.
+
+Everything here is a *bound*: a sound upper bound computed from the weights a
+model has now, which certificates may rely on. Estimates (lower bounds) live
+in `lipnets.estimators` and never feed this package.
+"""
+
+from lipnets.bounds import rules as _rules  # noqa: F401  (registers the built-in rules)
+from lipnets.bounds.compose import LeafBound, lipschitz_bound
+from lipnets.bounds.registry import find_rule, register_bound
+from lipnets.errors import ShapeRequiredError, UnboundedModuleError, UntraceableModelError
+
+__all__ = [
+    "LeafBound",
+    "ShapeRequiredError",
+    "UnboundedModuleError",
+    "UntraceableModelError",
+    "find_rule",
+    "lipschitz_bound",
+    "register_bound",
+]

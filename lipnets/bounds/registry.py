@@ -1,0 +1,121 @@
+"""The registry of sound Lipschitz bound rules for module types."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from lipnets.errors import UnboundedModuleError
+
+__all__ = ["BoundRule", "as_bound", "find_rule", "register_bound"]
+
+BoundRule = Callable[[nn.Module, "torch.Size | None"], Any]
+"""A rule maps ``(module, input_shape)`` to a sound bound (float or 0-dim tensor).
+
+``input_shape`` is the shape of the module's input batch when the caller knows
+it, and ``None`` when the bound must hold for every input size.
+"""
+
+_RULES: dict[type[nn.Module], BoundRule] = {}
+
+_R = TypeVar("_R", bound=BoundRule)
+
+
+def register_bound(*module_types: type[nn.Module]) -> Callable[[_R], _R]:
+    """Register a sound Lipschitz bound rule for one or more module types.
+
+    The decorated function receives ``(module, input_shape)`` and returns a
+    sound upper bound on the module's l2 -> l2 Lipschitz constant (a float or
+    a 0-dim tensor), computed from the module's current parameters.
+    ``input_shape`` is a ``torch.Size`` when the bound may depend on the input
+    size, and ``None`` when it must hold for every size. A rule registered for
+    a type also serves its subclasses, unless a subclass overrides
+    ``forward``: then it computes something else and lipnets traces into it.
+
+    Registering a type again replaces its rule.
+
+    Args:
+        *module_types: the ``nn.Module`` subclasses the rule bounds.
+
+    Returns:
+        A decorator that registers the function and returns it unchanged.
+
+    Raises:
+        TypeError: if no type is given or one is not an ``nn.Module`` subclass.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import lipnets
+        >>> class Halve(nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.where(x > 0, x, 0.5 * x)
+        >>> @lipnets.register_bound(Halve)
+        ... def _halve(module, input_shape):
+        ...     return 1.0  # slopes 1 and 1/2
+        >>> float(lipnets.lipschitz_bound(nn.Sequential(Halve(), nn.ReLU(), Halve())))
+        1.0
+    """
+    if not module_types:
+        raise TypeError("register_bound() needs at least one nn.Module subclass")
+    for t in module_types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"register_bound() takes nn.Module subclasses, got {t!r}")
+
+    def decorator(fn: _R) -> _R:
+        if not callable(fn):
+            raise TypeError(f"register_bound() decorates a callable, got {fn!r}")
+        for t in module_types:
+            _RULES[t] = fn
+        return fn
+
+    return decorator
+
+
+def find_rule(module: nn.Module) -> BoundRule | None:
+    """The rule that bounds ``module``, or ``None``.
+
+    The nearest registered class in the MRO is used, but only when ``module``
+    runs that class's ``forward``: a subclass that overrides ``forward``
+    computes another function, so an inherited rule would not be sound for it.
+    """
+    cls = type(module)
+    for base in cls.__mro__:
+        rule = _RULES.get(base)
+        if rule is not None:
+            return rule if cls.forward is base.forward else None
+    return None
+
+
+def as_bound(value: Any, where: str) -> torch.Tensor:
+    """Check a rule's result and return it as a 0-dim float64 CPU tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise UnboundedModuleError(
+                f"{where}: a bound must be a scalar, got a tensor of shape {tuple(value.shape)}"
+            )
+        value = float(value.detach().reshape(()).to(torch.float64).cpu())
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise UnboundedModuleError(
+            f"{where}: a bound must be a float or a 0-dim tensor, got {type(value).__name__}"
+        )
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise UnboundedModuleError(f"{where}: a bound must be >= 0, got {value}")
+    if math.isinf(value):
+        raise UnboundedModuleError(f"{where}: the bound is infinite")
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def _pair(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    """Expand an int or a sequence to an ``n``-tuple (torch's _ntuple)."""
+    if isinstance(value, int):
+        return (value,) * n
+    out = tuple(int(v) for v in value)
+    if len(out) == 1:
+        return out * n
+    return out

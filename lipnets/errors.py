@@ -1,0 +1,48 @@
+"""Typed errors and warnings raised by lipnets.
+
+Each error subclasses the built-in exception a torch user would catch for the
+same mistake (``ValueError`` for bad values, ``TypeError`` for unsupported
+types), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LipnetsError",
+    "LipnetsWarning",
+    "ShapeRequiredError",
+    "UnboundedModuleError",
+    "UntraceableModelError",
+]
+
+
+class LipnetsError(Exception):
+    """Base class of every error lipnets raises on purpose."""
+
+
+class LipnetsWarning(UserWarning):
+    """Base class of lipnets' warnings."""
+
+
+class UnboundedModuleError(LipnetsError, TypeError):
+    """A module or graph operation has no sound Lipschitz bound rule.
+
+    lipnets never assumes a constant for a part it cannot bound. The message
+    names the part (its qualified module name and class, or its graph node) so
+    that a rule can be registered with
+    [`register_bound`][lipnets.bounds.register_bound] or a
+    `lipschitz_bound(input_shape=None)` method added to the module.
+    """
+
+
+class UntraceableModelError(UnboundedModuleError):
+    """torch.fx could not trace a model, so its graph cannot be composed.
+
+    The message names the innermost module being traced when tracing failed:
+    giving that module a `lipschitz_bound(input_shape=None)` method makes it a
+    leaf that lipnets does not trace into.
+    """
+
+
+class ShapeRequiredError(LipnetsError, ValueError):
+    """A bound depends on tensor shapes, but no ``input_shape`` was given."""

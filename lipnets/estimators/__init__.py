@@ -1,0 +1,3 @@
+"""Placeholder for the estimators subpackage (see DESIGN.md)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Parametrizations for torch.nn.utils.parametrize (orthogonal weights arrive here)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Placeholder for the propagation subpackage (see DESIGN.md)."""
+
+__all__: list[str] = []

@@ -1,0 +1,149 @@
+"""The conformance harness every lipnets layer (and bounded torch built-in) joins.
+
+Add one line to ``CASES`` and ``tests/test_conformance.py`` runs the whole
+property list on it:
+
+* output shape, dtype and device follow the input (float32 and float64);
+* module == functional, when the case names its functional form;
+* ``lipschitz_bound`` (the module's own method and the composed bound) is a
+  0-dim float64 tensor >= the exact spectral norm of the dense Jacobian,
+  computed in float64 at several inputs (for a linear map: its dense operator);
+* state_dict round trip into a fresh instance gives the same outputs;
+* eval mode is deterministic across repeated calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import lipnets
+import lipnets.functional as LF
+
+from .helpers import as_float64, dense_jacobian, spectral_norm
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    functional: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _bn_eval() -> nn.Module:
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 2.0)
+        bn.weight.uniform_(-2, 2)
+    return bn.eval()
+
+
+CASES: list[Case] = [
+    # lipnets layers
+    Case("GroupSort2-NC", lambda: lipnets.GroupSort(2), (2, 8), lambda m, x: LF.group_sort(x, 2)),
+    Case(
+        "GroupSort4-NCHW",
+        lambda: lipnets.GroupSort(4),
+        (2, 8, 3, 3),
+        lambda m, x: LF.group_sort(x, 4),
+    ),
+    Case(
+        "GroupSort2-NHWC",
+        lambda: lipnets.GroupSort(2, dim=-1),
+        (2, 3, 3, 6),
+        lambda m, x: LF.group_sort(x, 2, -1),
+    ),
+    Case("MaxMin-NC", lambda: lipnets.MaxMin(), (2, 6), lambda m, x: LF.max_min(x)),
+    Case("MaxMin-NCHW", lambda: lipnets.MaxMin(), (2, 4, 3, 3), lambda m, x: LF.max_min(x)),
+    Case("FullSort-NC", lambda: lipnets.FullSort(), (2, 7), lambda m, x: LF.full_sort(x)),
+    # torch built-ins bounded by registered rules
+    Case("Linear", lambda: nn.Linear(7, 5), (1, 7), lambda m, x: x @ m.weight.T + m.bias),
+    Case("BatchNorm2d-eval", _bn_eval, (1, 3, 4, 4)),
+    Case("MaxPool2d-overlap", lambda: nn.MaxPool2d(3, 1, 1), (1, 2, 5, 5)),
+    Case("AvgPool2d", lambda: nn.AvgPool2d(2), (1, 2, 6, 6)),
+    Case(
+        "Sequential-MLP",
+        lambda: nn.Sequential(nn.Linear(6, 8), lipnets.MaxMin(), nn.Linear(8, 3)),
+        (1, 6),
+    ),
+]
+
+
+def _input(case: Case, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(case.input_shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def check_dtype_device(case: Case) -> None:
+    for dtype in (torch.float32, torch.float64):
+        module = case.make().to(dtype)
+        x = _input(case, dtype)
+        y = module(x)
+        assert y.dtype == dtype and y.device == x.device
+        assert y.shape[0] == x.shape[0]
+
+
+def check_functional(case: Case) -> None:
+    if case.functional is None:
+        return
+    module = case.make()
+    x = _input(case)
+    torch.testing.assert_close(module(x), case.functional(module, x), rtol=0, atol=0)
+
+
+def check_bound(case: Case) -> None:
+    module = case.make()
+    shape = torch.Size(case.input_shape[:1]) + torch.Size(case.input_shape[1:])
+    one = (1, *case.input_shape[1:])
+    bounds = [lipnets.lipschitz_bound(module, one), lipnets.lipschitz_bound(module)]
+    if callable(getattr(module, "lipschitz_bound", None)):
+        bounds.append(module.lipschitz_bound())
+        bounds.append(module.lipschitz_bound(input_shape=shape))
+    ref = as_float64(module)
+    exact = max(
+        spectral_norm(dense_jacobian(ref, _input(case, torch.float64, seed)[:1]))
+        for seed in range(4)
+    )
+    for b in bounds:
+        assert isinstance(b, torch.Tensor) and b.ndim == 0 and b.dtype == torch.float64
+        assert not b.requires_grad and torch.isfinite(b)
+        assert float(b) >= exact * (1 - 1e-9), f"{case}: bound {float(b)} < dense norm {exact}"
+
+
+def check_state_dict(case: Case) -> None:
+    torch.manual_seed(1)
+    a = case.make()
+    torch.manual_seed(2)
+    b = case.make()
+    b.load_state_dict(a.state_dict())
+    x = _input(case)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    torch.testing.assert_close(
+        lipnets.lipschitz_bound(a, (1, *case.input_shape[1:])),
+        lipnets.lipschitz_bound(b, (1, *case.input_shape[1:])),
+    )
+
+
+def check_eval_determinism(case: Case) -> None:
+    module = case.make().eval()
+    x = _input(case)
+    first = module(x)
+    for _ in range(2):
+        assert torch.equal(module(x), first)
+
+
+CHECKS = [
+    check_dtype_device,
+    check_functional,
+    check_bound,
+    check_state_dict,
+    check_eval_determinism,
+]

@@ -1,0 +1,65 @@
+"""Test-only tools: dense operators in float64 and empirical Lipschitz ascent.
+
+These give *lower* values (the exact norm of a linear map, or the largest
+slope found on a nonlinear one) against which lipnets' sound bounds are
+checked. They are deliberately independent of lipnets' own code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def dense_jacobian(fn, x: torch.Tensor) -> torch.Tensor:
+    """Jacobian of ``fn`` at ``x`` (one batch) as a (numel_out, numel_in) float64 matrix."""
+    x = x.detach().double()
+    jac = torch.autograd.functional.jacobian(lambda t: fn(t).reshape(-1), x)
+    return jac.reshape(-1, x.numel())
+
+
+def spectral_norm(matrix: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(matrix.double(), ord=2))
+
+
+def as_float64(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).double()
+
+
+def max_jacobian_norm(fn, points: torch.Tensor) -> float:
+    """Largest Jacobian spectral norm of the per-sample map over ``points`` (B, ...)."""
+    best = 0.0
+    for p in points:
+        best = max(best, spectral_norm(dense_jacobian(fn, p.unsqueeze(0))))
+    return best
+
+
+def lipschitz_ascent(
+    fn, input_shape: tuple[int, ...], *, starts: int = 16, steps: int = 60, seed: int = 0
+) -> float:
+    """Largest ||f(x) - f(y)|| / ||x - y|| found by gradient ascent over pairs.
+
+    ``input_shape`` is one sample's shape with a batch dimension of 1. Pairs
+    start at random points with small and large gaps; the ratio is maximised
+    with Adam in float64, and the Jacobian norm at the best points is included.
+    Always a lower bound on the true Lipschitz constant.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = (starts, *input_shape[1:])
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    scales = torch.logspace(-3, 0, starts, dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))
+    d = (torch.randn(shape, generator=g, dtype=torch.float64) * scales).requires_grad_()
+    opt = torch.optim.Adam([x, d], lr=0.05)
+    best = torch.zeros(starts, dtype=torch.float64)
+    for _ in range(steps):
+        opt.zero_grad()
+        num = (fn(x + d) - fn(x)).reshape(starts, -1).norm(dim=1)
+        den = d.reshape(starts, -1).norm(dim=1).clamp_min(1e-12)
+        ratio = num / den
+        best = torch.maximum(best, ratio.detach())
+        (-ratio.sum()).backward()
+        opt.step()
+    top = x.detach()[best.argsort(descending=True)[:4]]
+    return max(float(best.max()), max_jacobian_norm(fn, top))

@@ -1,0 +1,27 @@
+"""The package's public surface: version, curated __all__, typing marker."""
+
+import importlib.resources
+import re
+
+import lipnets
+
+
+def test_version_is_pep440():
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|a\d+|b\d+|rc\d+)?", lipnets.__version__)
+
+
+def test_all_names_exist_and_are_sorted_groups():
+    for module in (lipnets, lipnets.nn, lipnets.functional, lipnets.bounds, lipnets.errors):
+        assert module.__all__, module.__name__
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name}"
+
+
+def test_py_typed_marker_ships():
+    assert importlib.resources.files("lipnets").joinpath("py.typed").is_file()
+
+
+def test_errors_subclass_the_builtins_users_catch():
+    assert issubclass(lipnets.UnboundedModuleError, TypeError)
+    assert issubclass(lipnets.UntraceableModelError, lipnets.UnboundedModuleError)
+    assert issubclass(lipnets.ShapeRequiredError, ValueError)

@@ -1,0 +1,1 @@
+"""Ready models and command-line jobs built on lipnets' public API only."""
