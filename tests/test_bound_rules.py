@@ -172,7 +172,7 @@ def test_dropout_is_one_in_eval_and_scaled_in_training():
         (nn.LeakyReLU(0.1), 1.0),
         (nn.LeakyReLU(2.5), 2.5),
         (nn.ELU(2.0), 2.0),
-        (nn.Softplus(), 1.0),
+        (nn.CELU(0.5), 1.0),
         (nn.Hardtanh(), 1.0),
         (nn.Identity(), 1.0),
         (nn.Softsign(), 1.0),
@@ -188,6 +188,17 @@ def test_activation_rules_are_sound_and_tight(act, expected):
     sup = float(slope.abs().max())
     assert sup <= expected * (1 + 1e-12)
     assert sup >= 0.99 * expected
+
+
+def test_rules_refuse_maps_that_are_not_lipschitz():
+    # Softplus switches to the identity above `threshold`: a jump, not a slope.
+    soft = nn.Softplus(threshold=0.0).double()
+    x = torch.tensor([-1e-7, 1e-7], dtype=torch.float64)
+    assert float((soft(x[1:]) - soft(x[:1])).abs() / 2e-7) > 1e5
+    with pytest.raises(UnboundedModuleError, match="Softplus"):
+        lipschitz_bound(nn.Sequential(soft))
+    with pytest.raises(UnboundedModuleError, match="alpha"):
+        lipschitz_bound(nn.CELU(-1.0))
 
 
 def test_subclass_that_overrides_forward_does_not_inherit_the_rule():

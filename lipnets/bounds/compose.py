@@ -25,18 +25,22 @@ tensors need ``input_shape``; without it lipnets raises
 
 torch.fx records ``x += y`` as an out-of-place ``add``, so a graph can differ
 from what eager mode computes when a tensor is mutated in place and used again
-through another name. lipnets therefore (1) refuses in-place ops whose input
-is used again later in the graph, and (2) when ``input_shape`` is given, runs
-the traced graph and the model on one random input with the same RNG state,
-restores every buffer afterwards, and refuses a graph whose output differs.
-Merges, where aliasing could change the bound, always have (2).
+through another name. lipnets therefore (1) allows in-place ops only on a
+freshly computed tensor that nothing else uses, (2) when ``input_shape`` is
+given, runs the traced graph and the model on one random input (cloned for
+each run, same RNG state, buffers restored) and refuses a graph whose output
+differs, and (3) without ``input_shape`` refuses forwards whose source uses
+augmented or attribute assignment, which only (2) could check. Forward hooks
+and ``__call__`` overrides, which fx does not trace, are refused.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import math
 import operator
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,14 +134,25 @@ def _compose(model: nn.Module, input_shape: Sequence[int] | None) -> _Compositio
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     shape = _check_shape(input_shape)
     model = _unwrap(model)
-    where = type(model).__name__
-    own = _own_bound(model, shape, where)
-    if own is not None:
-        return _Composition(own, [LeafBound("", where, own)])
-    gm, constants = _trace(model)
-    if shape is not None:
-        _propagate_shapes(model, gm, shape)
-    return _Propagation(gm, constants, shape is not None).run()
+    _check_hooks(model)
+    # Reading a parametrized weight can advance state (spectral_norm's power
+    # iteration in training mode): restore every buffer, so the call has no effect.
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        where = type(model).__name__
+        own = _own_bound(model, shape, where)
+        if own is not None:
+            return _Composition(own, [LeafBound("", where, own)])
+        gm, constants, traced = _trace(model)
+        if shape is not None:
+            _propagate_shapes(model, gm, shape)
+        else:
+            _require_shapes_for_python_mutation(traced)
+        return _Propagation(gm, constants, shape is not None).run()
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
 
 
 def _check_shape(input_shape: Sequence[int] | None) -> torch.Size | None:
@@ -180,20 +195,77 @@ def _own_bound(module: nn.Module, shape: torch.Size | None, where: str) -> torch
     rule = find_rule(module)
     if rule is None:
         return None
-    _check_hooks(module, where)
     return as_bound(rule(module, shape), where)
 
 
-def _check_hooks(module: nn.Module, where: str) -> None:
-    # The deprecated spectral_norm/weight_norm hooks rewrite `weight` before
-    # each forward, so the attribute a rule reads can be stale.
-    for hook in module._forward_pre_hooks.values():
-        if type(hook).__name__ in ("SpectralNorm", "WeightNorm"):
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs")
+
+
+def _check_hooks(model: nn.Module) -> None:
+    """Refuse forward hooks: they can change a module's output behind its rule."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        raise UnboundedModuleError(
+            "global forward hooks are registered (register_module_forward_hook); they can "
+            "change every module's output, so no bound is sound while they are active"
+        )
+    for name, module in model.named_modules():
+        where = f"{name or 'the model'} ({type(module).__name__})"
+        lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
+        if lazy and module.has_uninitialized_params():
+            raise ValueError(f"{where} is uninitialised (lazy): run one forward pass first")
+        if type(module).__call__ is not nn.Module.__call__:
             raise UnboundedModuleError(
-                f"{where} uses the deprecated torch.nn.utils.{type(hook).__name__.lower()} hook, "
-                "whose `weight` attribute can be stale; use torch.nn.utils.parametrizations "
-                "instead (the bound then reads the weight the forward pass uses)"
+                f"{where} overrides __call__, which torch.fx does not follow (it traces "
+                "forward); move that logic into forward"
             )
+        hooks = [h for attr in _HOOK_DICTS for h in getattr(module, attr, {}).values()]
+        # The deprecated spectral_norm/weight_norm hooks rewrite `weight` before
+        # each forward, so the attribute a rule reads can be stale.
+        for hook in hooks:
+            if type(hook).__name__ in ("SpectralNorm", "WeightNorm"):
+                raise UnboundedModuleError(
+                    f"{where} uses the deprecated torch.nn.utils.{type(hook).__name__.lower()} "
+                    "hook, whose `weight` attribute can be stale; use "
+                    "torch.nn.utils.parametrizations instead"
+                )
+        if hooks:
+            raise UnboundedModuleError(
+                f"{where} has forward hooks, which can change its output; remove them (or "
+                "compute the bound on a copy without them)"
+            )
+
+
+def _require_shapes_for_python_mutation(traced: list[nn.Module]) -> None:
+    """Without input_shape the graph cannot be checked against eager mode, so
+    refuse forwards whose Python code fx may not record (Note [Graph faithfulness])."""
+    for module in traced:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
+        except (OSError, TypeError, SyntaxError):
+            construct = "code whose source cannot be read"
+        else:
+            found = [
+                n
+                for n in ast.walk(tree)
+                if isinstance(n, ast.AugAssign)
+                or (
+                    isinstance(n, (ast.Assign, ast.AnnAssign))
+                    and any(
+                        isinstance(t, (ast.Attribute, ast.Subscript))
+                        for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                    )
+                )
+            ]
+            if not found:
+                continue
+            construct = f"`{ast.unparse(found[0])}`"
+        raise ShapeRequiredError(
+            f"{type(module).__name__}.forward uses {construct}, which torch.fx may record "
+            "differently from what eager mode does (in-place updates, attribute writes); pass "
+            "input_shape so that lipnets checks the traced graph against eager mode"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -208,6 +280,7 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_modules=(math, _activations, LF))
         self.stack: list[tuple[str, str]] = []
         self.failed_in: list[tuple[str, str]] | None = None
+        self.traced: list[nn.Module] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if _has_own_bound(m) or find_rule(m) is not None:
@@ -216,6 +289,8 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
         self.stack.append((self.path_of_module(m), type(m).__name__))
+        if not self.is_leaf_module(m, self.stack[-1][0]):
+            self.traced.append(m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -226,15 +301,19 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
-def _trace(model: nn.Module) -> tuple[fx.GraphModule, set[str]]:
+def _trace(model: nn.Module) -> tuple[fx.GraphModule, set[int], list[nn.Module]]:
     tracer = _Tracer()
-    # Arguments with defaults (masks, flags) are fixed to their defaults, so
-    # fx does not trace branches that a default None would never take.
+    # Arguments after the first that have defaults (masks, flags) are fixed to
+    # their defaults, so fx does not trace branches a default would never take.
+    # They are constants; fx's guards on them then have K = 0 too.
+    params = list(inspect.signature(model.forward).parameters.values())
     concrete = {
-        name: p.default
-        for name, p in inspect.signature(model.forward).parameters.items()
+        p.name: p.default
+        for p in params[1:]
         if p.default is not inspect.Parameter.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
+    constant_positions = {i for i, p in enumerate(params) if p.name in concrete}
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:
@@ -245,39 +324,33 @@ def _trace(model: nn.Module) -> tuple[fx.GraphModule, set[str]]:
             "`lipschitz_bound(self, input_shape=None)` method returning a sound bound, so that "
             "lipnets treats it as a leaf instead of tracing into it"
         ) from exc
-    return fx.GraphModule(tracer.root, graph), set(concrete)
+    return fx.GraphModule(tracer.root, graph), constant_positions, [model, *tracer.traced]
 
 
 def _propagate_shapes(model: nn.Module, gm: fx.GraphModule, shape: torch.Size) -> None:
     """Record node shapes, and check the graph computes what the model does.
 
-    See Note [Graph faithfulness]. Both runs use the same RNG state and every
-    buffer is restored afterwards, so the call has no side effects.
+    See Note [Graph faithfulness]. Both runs use the same RNG state; the caller
+    restores every buffer.
     """
     ref = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
     dtype = ref.dtype if ref is not None else torch.get_default_dtype()
     device = ref.device if ref is not None else torch.device("cpu")
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
-            x = torch.randn(shape, dtype=dtype, device=device)
-            try:
-                ShapeProp(gm).propagate(x)
-                torch.manual_seed(1)
-                traced = gm(x)
-                torch.manual_seed(1)
-                eager = model(x)
-            except Exception as exc:
-                raise ValueError(
-                    f"running {type(model).__name__} on a random input of shape "
-                    f"{tuple(shape)} failed: {type(exc).__name__}: {exc}"
-                ) from exc
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(saved[name])
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        x = torch.randn(shape, dtype=dtype, device=device)
+        try:
+            ShapeProp(gm).propagate(x.clone())
+            torch.manual_seed(1)
+            traced = gm(x.clone())  # clones: an in-place update of the input stays visible
+            torch.manual_seed(1)
+            eager = model(x.clone())
+        except Exception as exc:
+            raise ValueError(
+                f"running {type(model).__name__} on a random input of shape "
+                f"{tuple(shape)} failed: {type(exc).__name__}: {exc}"
+            ) from exc
     outs, refs = list(_flat_tensors(traced)), list(_flat_tensors(eager))
     same = len(outs) == len(refs) and all(
         a.shape == b.shape
@@ -317,7 +390,7 @@ _SAME_FUNCTIONS = {
     torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.detach,
     operator.pos, operator.neg, torch.neg, torch.negative,
     torch.relu, F.relu, torch.tanh, F.tanh, torch.abs, torch.absolute, F.relu6, F.hardtanh,
-    torch.clamp, torch.clip, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink,
+    torch.clamp, torch.clip, F.softsign, F.logsigmoid, F.tanhshrink,
     F.softshrink, LF.group_sort, LF.max_min, LF.full_sort,
 }  # fmt: skip
 _SAME_METHODS = {
@@ -376,12 +449,13 @@ def _dropout_scale(node: fx.Node) -> float:
 
 
 class _Propagation:
-    def __init__(self, gm: fx.GraphModule, concrete: set[str], shapes: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, concrete: set[int], shapes: bool) -> None:
         self.gm = gm
         self.concrete = concrete
         self.shapes = shapes
         self.K: dict[fx.Node, float] = {}
         self.meta: set[fx.Node] = set()  # nodes whose value is shape metadata, not data
+        self.meta_int: set[fx.Node] = set()  # meta nodes known to be Python ints
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.leaves: list[LeafBound] = []
 
@@ -451,9 +525,11 @@ class _Propagation:
     # -- the pass ----------------------------------------------------------
     def run(self) -> _Composition:
         out: float | None = None
+        placeholders = 0
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                self.K[node] = 0.0 if node.target in self.concrete else 1.0
+                self.K[node] = 0.0 if placeholders in self.concrete else 1.0
+                placeholders += 1
             elif node.op == "get_attr":
                 self.K[node] = 0.0
             elif node.op == "output":
@@ -472,20 +548,68 @@ class _Propagation:
             return self.visit_module(node, dependent)
         if node.op == "call_method" and isinstance(target, str) and target.endswith("_"):
             target = target[:-1]  # in-place variant: same function (see check_inplace)
-        meta_op = (
-            (node.op == "call_method" and target in _META_METHODS)
-            or (target is getattr and len(node.args) > 1 and node.args[1] in _META_ATTRS)
-            or target in (len, torch.numel)
-        )
-        arith_on_meta = node.op == "call_function" and all(
-            a in self.meta for a in _flat_nodes(args)
-        )
-        if meta_op or (arith_on_meta and _flat_nodes(args)):
-            self.meta.add(node)
+        if "out" in node.kwargs:
+            raise UnboundedModuleError(f"{self.where(node)} writes into `out=`; use its result")
+        if self.visit_meta(node, target, args):
             return 0.0
         if not dependent or target in _LIKE_FUNCTIONS:
             return 0.0
+        self.check_dtype(node, target)
         return self.visit_op(node, target, dependent)
+
+    def visit_meta(self, node: fx.Node, target: Any, args: tuple) -> bool:
+        """Mark nodes whose value is shape metadata (sizes, dims), not tensor data."""
+        nodes = _flat_nodes(args)
+        literals = [a for a in args if not isinstance(a, fx.Node)]
+        if node.op == "call_method" and target in _META_METHODS:
+            self.meta.add(node)
+            if target != "size" or len(node.args) > 1 or "dim" in node.kwargs:
+                self.meta_int.add(node)  # x.size(d), x.dim(), x.numel()
+            return True
+        if target is getattr and len(node.args) > 1 and node.args[1] in _META_ATTRS:
+            self.meta.add(node)
+            return True
+        if target in (len, torch.numel):
+            self.meta.update((node,))
+            self.meta_int.add(node)
+            return True
+        if node.op == "call_function" and nodes and all(a in self.meta for a in nodes):
+            if getattr(target, "__module__", None) not in ("_operator", "operator"):
+                return False
+            self.meta.add(node)
+            # int arithmetic, or one entry of a torch.Size, stays an int
+            scalar = all(isinstance(a, (int, float)) for a in literals)
+            if scalar and (all(a in self.meta_int for a in nodes) or target is operator.getitem):
+                self.meta_int.add(node)
+            return True
+        return False
+
+    def check_dtype(self, node: fx.Node, target: Any) -> None:
+        """Refuse casts to non-floating dtypes and bit reinterpretation (not Lipschitz)."""
+        dtypes: list[Any] = []
+        for a in (*node.args[1:], *node.kwargs.values()):
+            if isinstance(a, torch.dtype):
+                dtypes.append(a)
+            elif isinstance(a, str) and node.op == "call_method" and target == "type":
+                dtypes.append(a)
+            elif isinstance(a, fx.Node) and target in ("to", "type_as") and self.K[a] == 0:
+                value = self.const(a, node)
+                if isinstance(value, torch.Tensor):
+                    dtypes.append(value.dtype)
+        reinterpret = target in ("view", "view_as") and any(
+            isinstance(d, torch.dtype) for d in dtypes
+        )
+        bad = [
+            d
+            for d in dtypes
+            if (isinstance(d, str) and d not in ("torch.FloatTensor", "torch.DoubleTensor"))
+            or (isinstance(d, torch.dtype) and not (d.is_floating_point or d.is_complex))
+        ]
+        if reinterpret or bad:
+            raise UnboundedModuleError(
+                f"{self.where(node)} changes the dtype to {(bad or dtypes)[0]}, which rounds or "
+                "reinterprets bits and is not Lipschitz; it has no bound rule"
+            )
 
     def visit_module(self, node: fx.Node, dependent: list[fx.Node]) -> float:
         module = self.gm.get_submodule(str(node.target))
@@ -508,10 +632,9 @@ class _Propagation:
         return float(bound) * self.K[dependent[0]]
 
     def visit_op(self, node: fx.Node, target: Any, dependent: list[fx.Node]) -> float:
-        a = node.args[0] if node.args else None
+        a = _first(node)
         if target in _SAME_FUNCTIONS or (node.op == "call_method" and target in _SAME_METHODS):
             self.only_first_dependent(node, dependent)
-            self.check_float_cast(node)
             return self.k(a)
         if target in _SCALED_FUNCTIONS:
             self.only_first_dependent(node, dependent)
@@ -521,8 +644,9 @@ class _Propagation:
         if target is operator.getitem:
             return self.getitem(node)
         if target in _CAT:
-            tensors = node.args[0] if node.args else node.kwargs["tensors"]
-            return math.sqrt(sum(self.k(t) ** 2 for t in tensors))
+            # k() of a list is the root of the sum of squares of its entries; of a
+            # tuple-valued node (x.unbind(0)), that node's joint constant.
+            return self.k(node.args[0] if node.args else node.kwargs["tensors"])
         if target in _ADD or target in _MUL or target in _DIV or target in _MAXMIN:
             return self.binary(node, target)
         if target in _MEAN or target in _SUM:
@@ -552,7 +676,7 @@ class _Propagation:
         raise UnboundedModuleError(f"{self.where(node)} has no bound rule")
 
     def only_first_dependent(self, node: fx.Node, dependent: list[fx.Node]) -> None:
-        if any(d is not node.args[0] for d in dependent):
+        if any(d is not _first(node) for d in dependent):
             raise UnboundedModuleError(
                 f"{self.where(node)} has no bound rule when an argument other than the first "
                 "depends on the input"
@@ -564,17 +688,29 @@ class _Propagation:
             raise UnboundedModuleError(f"{self.where(node)} indexes with an input-dependent index")
         repeats = 1
         for item in index if isinstance(index, tuple) else (index,):
-            if isinstance(item, fx.Node) and item not in self.meta:
-                item = self.const(item, node)
-            if isinstance(item, torch.Tensor) and item.dtype != torch.bool:
-                item = item.reshape(-1).tolist()
-            if isinstance(item, (list, tuple)):
-                repeats *= _max_repeats([int(i) for i in item])
+            if isinstance(item, fx.Node) and item in self.meta_int:
+                continue  # a single integer index
+            if isinstance(item, fx.Node):
+                item = self.const(item, node)  # raises unless a parameter or buffer
+            if isinstance(item, (list, tuple)) and any(isinstance(i, fx.Node) for i in item):
+                raise UnboundedModuleError(
+                    f"{self.where(node)} indexes with a list built at run time; lipnets cannot "
+                    "count its repeated entries"
+                )
+            if isinstance(item, (list, tuple)) or (
+                isinstance(item, torch.Tensor) and item.dtype != torch.bool
+            ):
+                repeats *= _max_repeats(torch.as_tensor(item).reshape(-1).tolist())
         return self.k(source) * math.sqrt(repeats)
 
     def binary(self, node: fx.Node, target: Any) -> float:
-        args = list(node.args) + [node.kwargs[k] for k in ("other",) if k in node.kwargs]
-        a, b = args[0], args[1]
+        if len(node.args) > 2 or node.kwargs.get("rounding_mode") is not None:
+            raise UnboundedModuleError(
+                f"{self.where(node)} uses an overload lipnets does not bound (a third positional "
+                "argument, or rounding_mode=)"
+            )
+        a = _first(node)
+        b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
         ka, kb = self.k(a), self.k(b)
         if target in _ADD:
             alpha = abs(float(node.kwargs.get("alpha", 1)))
@@ -606,17 +742,6 @@ class _Propagation:
             scale = abs(float(value)) if target in _MUL else 1.0 / abs(float(value))
         return scale * self.k(x) * self.broadcast(node, x, c)
 
-    def check_float_cast(self, node: fx.Node) -> None:
-        dtypes = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.dtype)]
-        if (
-            node.op == "call_method"
-            and node.target in ("to", "type")
-            and any(not (d.is_floating_point or d.is_complex) for d in dtypes)
-        ):
-            raise UnboundedModuleError(
-                f"{self.where(node)} casts to {dtypes[0]}, which rounds and is not Lipschitz"
-            )
-
     def check_inplace(self, node: fx.Node) -> None:
         """Refuse in-place ops whose input is used again (Note [Graph faithfulness])."""
         inplace = (
@@ -627,16 +752,49 @@ class _Propagation:
                 and getattr(self.gm.get_submodule(str(node.target)), "inplace", False) is True
             )
         )
-        if not inplace or not node.args or not isinstance(node.args[0], fx.Node):
+        source = _first(node)
+        if not inplace or not isinstance(source, fx.Node):
             return
-        source = node.args[0]
-        later = [u for u in source.users if u is not node and self.order[u] > self.order[node]]
-        if later:
+        # The update is invisible to every other name for the same memory, so
+        # it is allowed only on a tensor that a non-aliasing op just produced
+        # and that nothing else uses (nn.ReLU(inplace=True) after a Linear).
+        others = [u for u in source.users if u is not node]
+        if others or not self.fresh(source):
+            users = ", ".join(repr(u.name) for u in others) or "an alias"
             raise UntraceableModelError(
-                f"{self.where(node)} modifies '{source.name}' in place, and '{source.name}' is "
-                f"used again by {', '.join(repr(u.name) for u in later)}; the traced graph "
-                "cannot follow that, so use the out-of-place version"
+                f"{self.where(node)} modifies '{source.name}' in place, and that memory is also "
+                f"reached through {users}; the graph's constants cannot follow in-place "
+                "updates there, so use the out-of-place version"
             )
+
+    def fresh(self, node: fx.Node) -> bool:
+        """Whether ``node`` is a new tensor, not a view or alias of another."""
+        if node.op == "call_module":
+            module = self.gm.get_submodule(str(node.target))
+            return not _has_own_bound(module) and isinstance(module, _FRESH_MODULES)
+        if node.op == "call_function":
+            return node.target in _ADD | _MUL | _DIV | _MAXMIN | _CAT or node.target in (
+                F.linear,
+                torch.relu,
+                F.relu,
+                torch.tanh,
+                torch.sigmoid,
+            )
+        return False
+
+
+def _first(node: fx.Node) -> Any:
+    """The op's first operand, passed positionally or as ``input=``/``self=``."""
+    if node.args:
+        return node.args[0]
+    return node.kwargs.get("input", node.kwargs.get("self"))
+
+
+# Modules whose output is always a new tensor (never their input or a view of it).
+_FRESH_MODULES = (
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+)  # fmt: skip
 
 
 def _max_repeats(indices: list[int]) -> int:

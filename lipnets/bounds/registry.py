@@ -33,8 +33,9 @@ def register_bound(*module_types: type[nn.Module]) -> Callable[[_R], _R]:
     a 0-dim tensor), computed from the module's current parameters.
     ``input_shape`` is a ``torch.Size`` when the bound may depend on the input
     size, and ``None`` when it must hold for every size. A rule registered for
-    a type also serves its subclasses, unless a subclass overrides
-    ``forward``: then it computes something else and lipnets traces into it.
+    a type also serves subclasses that define no methods of their own (see
+    [`find_rule`][lipnets.bounds.registry.find_rule]); a subclass that does
+    may compute something else, so lipnets traces into it instead.
 
     Registering a type again replaces its rule.
 
@@ -79,16 +80,28 @@ def register_bound(*module_types: type[nn.Module]) -> Callable[[_R], _R]:
 def find_rule(module: nn.Module) -> BoundRule | None:
     """The rule that bounds ``module``, or ``None``.
 
-    The nearest registered class in the MRO is used, but only when ``module``
-    runs that class's ``forward``: a subclass that overrides ``forward``
-    computes another function, so an inherited rule would not be sound for it.
+    The nearest registered class in the MRO is used, but a subclass inherits
+    its rule only when it cannot compute something else: it defines no
+    methods of its own (dunder methods such as ``__init__`` aside; properties,
+    as torch's parametrizations add, are fine), overrides neither ``forward``
+    nor ``__call__``, and the instance has no patched ``forward``. Otherwise
+    lipnets traces into it.
     """
     cls = type(module)
+    if "forward" in vars(module) or cls.__call__ is not nn.Module.__call__:
+        return None
     for base in cls.__mro__:
         rule = _RULES.get(base)
         if rule is not None:
-            return rule if cls.forward is base.forward else None
+            return rule
+        if any(_is_method(name, value) for name, value in vars(base).items()):
+            return None
     return None
+
+
+def _is_method(name: str, value: Any) -> bool:
+    dunder = name.startswith("__") and name.endswith("__")
+    return callable(value) and not isinstance(value, type) and (not dunder or name == "__call__")
 
 
 def as_bound(value: Any, where: str) -> torch.Tensor:

@@ -42,8 +42,6 @@ def _linear(module: nn.Linear, input_shape: torch.Size | None) -> torch.Tensor:
     nn.Hardtanh,
     nn.Tanh,
     nn.Softsign,
-    nn.Softplus,
-    nn.CELU,
     nn.LogSigmoid,
     nn.Tanhshrink,
     nn.Softshrink,
@@ -56,6 +54,18 @@ def _linear(module: nn.Linear, input_shape: torch.Size | None) -> torch.Tensor:
 )
 def _one(module: nn.Module, input_shape: torch.Size | None) -> float:
     return 1.0
+
+
+@register_bound(nn.CELU)
+def _celu(module: nn.CELU, input_shape: torch.Size | None) -> float:
+    # d/dx alpha (e^(x/alpha) - 1) = e^(x/alpha) <= 1 for x < 0 only when alpha > 0.
+    if float(module.alpha) <= 0:
+        raise UnboundedModuleError(f"CELU(alpha={module.alpha}) is not Lipschitz for alpha <= 0")
+    return 1.0
+
+
+# nn.Softplus has no rule: torch switches to the identity above `threshold`,
+# which leaves a jump of log1p(exp(-threshold)) / beta, so it is not Lipschitz.
 
 
 @register_bound(nn.LeakyReLU)
