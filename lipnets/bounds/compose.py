@@ -54,6 +54,7 @@ import lipnets.functional as LF
 from lipnets.bounds.registry import as_bound, find_rule
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError, UntraceableModelError
 from lipnets.functional import activations as _activations
+from lipnets.functional.norms import spectral_norm_bound
 
 __all__ = ["LeafBound", "lipschitz_bound"]
 
@@ -670,8 +671,6 @@ class _Propagation:
         if target is F.linear:
             self.only_first_dependent(node, dependent)
             weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-            from lipnets.functional.norms import spectral_norm_bound
-
             return float(spectral_norm_bound(self.const(weight, node))) * self.k(a)
         raise UnboundedModuleError(f"{self.where(node)} has no bound rule")
 

@@ -217,7 +217,7 @@ def _avg_pool(module: nn.Module, input_shape: torch.Size | None):
             op = _avg_pool_1d_operator(
                 sizes[dim], kk, ss, pp, ceil_mode, include_pad, bool(override)
             )
-            factor = float(torch.linalg.svdvals(op)[0]) * (1 + 10 * max(op.shape) * _EPS64)
+            factor = float(spectral_norm_bound(op, name="pooling operator"))
             bound *= factor / kk if override else factor
             continue
         full_windows = not ceil_mode and (include_pad or pp == 0)
@@ -258,7 +258,7 @@ def _adaptive_pool(module: nn.Module, input_shape: torch.Size | None):
             op = torch.zeros(o, size, dtype=torch.float64)
             for i, (a, b) in enumerate(windows):
                 op[i, a:b] = 1.0 / (b - a)
-            bound *= float(torch.linalg.svdvals(op)[0]) * (1 + 10 * max(op.shape) * _EPS64)
+            bound *= float(spectral_norm_bound(op, name="pooling operator"))
     return bound
 
 
