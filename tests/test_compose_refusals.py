@@ -175,3 +175,9 @@ def test_reading_a_spectral_norm_weight_in_training_mode_has_no_side_effect():
     lipschitz_bound(nn.Sequential(layer))
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_an_fx_graph_module_is_accepted():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    traced = torch.fx.symbolic_trace(model)
+    assert torch.equal(lipschitz_bound(traced), lipschitz_bound(model))

@@ -216,7 +216,9 @@ def _check_hooks(model: nn.Module) -> None:
         lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
         if lazy and module.has_uninitialized_params():
             raise ValueError(f"{where} is uninitialised (lazy): run one forward pass first")
-        if type(module).__call__ is not nn.Module.__call__:
+        # GraphModule.__call__ only wraps forward to improve error messages.
+        graph_module = isinstance(module, fx.GraphModule)
+        if type(module).__call__ is not nn.Module.__call__ and not graph_module:
             raise UnboundedModuleError(
                 f"{where} overrides __call__, which torch.fx does not follow (it traces "
                 "forward); move that logic into forward"
@@ -571,7 +573,7 @@ class _Propagation:
             self.meta.add(node)
             return True
         if target in (len, torch.numel):
-            self.meta.update((node,))
+            self.meta.add(node)
             self.meta_int.add(node)
             return True
         if node.op == "call_function" and nodes and all(a in self.meta for a in nodes):
