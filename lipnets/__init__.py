@@ -6,13 +6,16 @@ model actually has; an *estimate* (from `lipnets.estimators`) is a lower bound
 that only checks it.
 """
 
-from lipnets import bounds, errors, functional, nn
+from lipnets import bounds, errors, export, functional, nn, parametrizations
 from lipnets._version import __version__
 from lipnets.bounds import lipschitz_bound, register_bound
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError, UntraceableModelError
-from lipnets.nn import FullSort, GroupSort, MaxMin
+from lipnets.export import to_vanilla
+from lipnets.nn import BjorckLinear, CayleyLinear, FullSort, GroupSort, MaxMin
 
 __all__ = [
+    "BjorckLinear",
+    "CayleyLinear",
     "FullSort",
     "GroupSort",
     "MaxMin",
@@ -22,8 +25,11 @@ __all__ = [
     "__version__",
     "bounds",
     "errors",
+    "export",
     "functional",
     "lipschitz_bound",
     "nn",
+    "parametrizations",
     "register_bound",
+    "to_vanilla",
 ]

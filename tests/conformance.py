@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import lipnets
 import lipnets.functional as LF
@@ -46,6 +47,15 @@ def _bn_eval() -> nn.Module:
     return bn.eval()
 
 
+def _orthogonal_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    raw = module.parametrizations.weight.original
+    if isinstance(module, lipnets.BjorckLinear):
+        weight = LF.bjorck(raw)
+    else:
+        weight = LF.cayley(raw, module.out_features, module.in_features)
+    return F.linear(x, weight, module.bias)
+
+
 CASES: list[Case] = [
     # lipnets layers
     Case("GroupSort2-NC", lambda: lipnets.GroupSort(2), (2, 8), lambda m, x: LF.group_sort(x, 2)),
@@ -64,6 +74,16 @@ CASES: list[Case] = [
     Case("MaxMin-NC", lambda: lipnets.MaxMin(), (2, 6), lambda m, x: LF.max_min(x)),
     Case("MaxMin-NCHW", lambda: lipnets.MaxMin(), (2, 4, 3, 3), lambda m, x: LF.max_min(x)),
     Case("FullSort-NC", lambda: lipnets.FullSort(), (2, 7), lambda m, x: LF.full_sort(x)),
+    Case("BjorckLinear-square", lambda: lipnets.BjorckLinear(6, 6), (2, 6), _orthogonal_linear),
+    Case("BjorckLinear-tall", lambda: lipnets.BjorckLinear(4, 9), (2, 4), _orthogonal_linear),
+    Case("BjorckLinear-wide", lambda: lipnets.BjorckLinear(9, 4), (2, 9), _orthogonal_linear),
+    Case("CayleyLinear-tall", lambda: lipnets.CayleyLinear(4, 9), (2, 4), _orthogonal_linear),
+    Case(
+        "CayleyLinear-wide",
+        lambda: lipnets.CayleyLinear(9, 4, bias=False),
+        (2, 9),
+        _orthogonal_linear,
+    ),
     # torch built-ins bounded by registered rules
     Case("Linear", lambda: nn.Linear(7, 5), (1, 7), lambda m, x: x @ m.weight.T + m.bias),
     Case("BatchNorm2d-eval", _bn_eval, (1, 3, 4, 4)),
@@ -96,7 +116,10 @@ def check_functional(case: Case) -> None:
         return
     module = case.make()
     x = _input(case)
-    torch.testing.assert_close(module(x), case.functional(module, x), rtol=0, atol=0)
+    # The functional form first: a training-mode call may update raw parameters
+    # (Note [Bjorck reprojection]) after computing its output.
+    expected = case.functional(module, x)
+    torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
 
 
 def check_bound(case: Case) -> None:

@@ -11,6 +11,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 def dense_jacobian(fn, x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +26,23 @@ def spectral_norm(matrix: torch.Tensor) -> float:
 
 
 def as_float64(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module).double()
+    """A float64 copy computing the *same* function as ``module`` does now.
+
+    Parametrized weights are frozen at the value they realise (torch's own
+    ``remove_parametrizations``) before the cast: casting the raw parameters
+    instead would recompute, say, an orthogonalisation in float64 and test a
+    different weight from the one the module uses.
+    """
+    module = copy.deepcopy(module)
+    for sub in list(module.modules()):
+        if parametrize.is_parametrized(sub):
+            # deepcopy shares parametrize's generated class with the original, and
+            # remove_parametrizations edits that class: give the copy its own.
+            cls = type(sub)
+            sub.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+            for name in list(sub.parametrizations.keys()):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+    return module.double()
 
 
 def max_jacobian_norm(fn, points: torch.Tensor) -> float:

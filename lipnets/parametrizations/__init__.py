@@ -1,3 +1,17 @@
-"""Parametrizations for torch.nn.utils.parametrize (orthogonal weights arrive here)."""
+"""Parametrizations for torch.nn.utils.parametrize, with their frozen presets."""
 
-__all__: list[str] = []
+from lipnets.parametrizations.orthogonal import (
+    BJORCK_DEFAULT,
+    BJORCK_EXPORT,
+    BjorckConfig,
+    BjorckOrthogonal,
+    CayleyOrthogonal,
+)
+
+__all__ = [
+    "BJORCK_DEFAULT",
+    "BJORCK_EXPORT",
+    "BjorckConfig",
+    "BjorckOrthogonal",
+    "CayleyOrthogonal",
+]
