@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -398,3 +400,57 @@ def test_parametrization_on_a_plain_linear():
     assert (svd64(layer.weight) - 1).abs().max() < 1e-5
     # The registered Linear rule measures the realised weight.
     assert lipnets.lipschitz_bound(layer) >= svd64(layer.weight).max()
+
+
+@settings(max_examples=40, deadline=None)
+@given(out_f=st.integers(1, 40), in_f=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_any_shape_is_orthogonal(out_f, in_f, seed):
+    torch.manual_seed(seed)
+    for layer in (lipnets.BjorckLinear(in_f, out_f), lipnets.CayleyLinear(in_f, out_f)):
+        with torch.no_grad():
+            s = svd64(layer.weight)
+        assert s.numel() == min(out_f, in_f)
+        assert (s - 1).abs().max() < 1e-5
+        assert s.max() <= layer.lipschitz_bound() <= 1 + 1e-5
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    torch.manual_seed(0)  # the same initial model on both ranks
+    model = nn.Sequential(
+        lipnets.BjorckLinear(8, 16), lipnets.MaxMin(), lipnets.CayleyLinear(16, 4)
+    )
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(1 + rank)  # different data on each rank
+    for _ in range(5):
+        opt.zero_grad()
+        ddp(torch.randn(32, 8)).square().mean().backward()
+        opt.step()
+    ddp(torch.randn(4, 8))  # a last training forward writes the Björck polar factor back
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_stay_in_sync_and_orthogonal(tmp_path):
+    # PITFALLS 12: no buffers for DDP to broadcast; the write-back is identical on each rank.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
+    w = states[0]["0.parametrizations.weight.original"]
+    assert (svd64(w) - 1).abs().max() < 1e-5  # the Björck raw weight is on the manifold
+    cayley = lipnets.CayleyLinear(16, 4)
+    cayley.load_state_dict({k[2:]: v for k, v in states[0].items() if k.startswith("2.")})
+    assert cayley.orthogonality_error() < 1e-5
