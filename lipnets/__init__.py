@@ -11,13 +11,27 @@ from lipnets._version import __version__
 from lipnets.bounds import lipschitz_bound, register_bound
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError, UntraceableModelError
 from lipnets.export import to_vanilla
-from lipnets.nn import BjorckLinear, CayleyLinear, FullSort, GroupSort, MaxMin
+from lipnets.nn import (
+    BCOPConv2d,
+    BjorckLinear,
+    CayleyConv2d,
+    CayleyLinear,
+    FullSort,
+    GroupSort,
+    InvertibleDownsample,
+    L2NormPool2d,
+    MaxMin,
+)
 
 __all__ = [
+    "BCOPConv2d",
     "BjorckLinear",
+    "CayleyConv2d",
     "CayleyLinear",
     "FullSort",
     "GroupSort",
+    "InvertibleDownsample",
+    "L2NormPool2d",
     "MaxMin",
     "ShapeRequiredError",
     "UnboundedModuleError",

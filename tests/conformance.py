@@ -23,6 +23,8 @@ from torch.nn import functional as F
 
 import lipnets
 import lipnets.functional as LF
+from lipnets.functional.fft_cayley import fft_cayley_conv2d
+from lipnets.functional.reshape import space_to_depth
 
 from .helpers import as_float64, dense_jacobian, spectral_norm
 
@@ -84,7 +86,39 @@ CASES: list[Case] = [
         (2, 9),
         _orthogonal_linear,
     ),
+    Case("BCOPConv2d-circular", lambda: lipnets.BCOPConv2d(4, 4, 3), (2, 4, 6, 6)),
+    Case("BCOPConv2d-stride2-tall", lambda: lipnets.BCOPConv2d(2, 12, 3, stride=2), (2, 2, 6, 6)),
+    Case(
+        "BCOPConv2d-zeros-wide",
+        lambda: lipnets.BCOPConv2d(6, 3, 3, padding_mode="zeros"),
+        (2, 6, 5, 5),
+    ),
+    Case(
+        "CayleyConv2d",
+        lambda: lipnets.CayleyConv2d(3, 4, 3, input_size=(6, 6)),
+        (2, 3, 6, 6),
+        lambda m, x: fft_cayley_conv2d(x, m.weight, m.bias),
+    ),
+    Case(
+        "CayleyConv2d-stride2",
+        lambda: lipnets.CayleyConv2d(2, 8, 3, stride=2, input_size=(4, 6)),
+        (2, 2, 4, 6),
+        lambda m, x: fft_cayley_conv2d(x, m.weight, m.bias, stride=2),
+    ),
+    Case(
+        "InvertibleDownsample",
+        lambda: lipnets.InvertibleDownsample(2),
+        (2, 3, 4, 6),
+        lambda m, x: space_to_depth(x, 2),
+    ),
+    Case("L2NormPool2d-overlap", lambda: lipnets.L2NormPool2d(3, 1, 1), (1, 2, 5, 5)),
     # torch built-ins bounded by registered rules
+    Case("Conv2d-zeros-stride2", lambda: nn.Conv2d(3, 4, 3, 2, 1), (1, 3, 7, 7)),
+    Case(
+        "Conv2d-circular", lambda: nn.Conv2d(3, 3, 3, 1, 1, padding_mode="circular"), (1, 3, 6, 6)
+    ),
+    Case("Conv2d-dilated-groups", lambda: nn.Conv2d(4, 4, 3, 1, 2, 2, groups=2), (1, 4, 7, 7)),
+    Case("LPPool2d", lambda: nn.LPPool2d(2, 2, 1), (1, 2, 5, 5)),
     Case("Linear", lambda: nn.Linear(7, 5), (1, 7), lambda m, x: x @ m.weight.T + m.bias),
     Case("BatchNorm2d-eval", _bn_eval, (1, 3, 4, 4)),
     Case("MaxPool2d-overlap", lambda: nn.MaxPool2d(3, 1, 1), (1, 2, 5, 5)),

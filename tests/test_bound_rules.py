@@ -242,6 +242,7 @@ def test_register_bound_for_a_custom_module_and_bad_registrations():
         lipschitz_bound(model)
 
 
-def test_conv2d_has_no_rule_yet():
-    with pytest.raises(UnboundedModuleError, match=r"0 \(Conv2d\) has no bound rule"):
-        lipschitz_bound(nn.Sequential(nn.Conv2d(1, 1, 3)))
+def test_transposed_conv_has_no_rule():
+    # nn.Conv2d has a rule (tests/test_conv_bound.py); its transpose does not, and must raise.
+    with pytest.raises(UnboundedModuleError, match=r"0 \(ConvTranspose2d\) has no bound rule"):
+        lipschitz_bound(nn.Sequential(nn.ConvTranspose2d(1, 1, 3)))

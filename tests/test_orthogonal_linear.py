@@ -109,9 +109,9 @@ def test_retraction_gradient_equals_autograd_through_iterations():
 def test_bjorck_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN or infinite"):
         LF.bjorck(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match="all zeros"):
+    with pytest.raises(ValueError, match="all-zero"):
         LF.bjorck(torch.zeros(3, 3))
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
         LF.bjorck(torch.ones(3))
     with pytest.raises(TypeError, match="floating-point"):
         LF.bjorck(torch.ones(3, 3, dtype=torch.int64))

@@ -5,6 +5,8 @@ model has now, which certificates may rely on. Estimates (lower bounds) live
 in `lipnets.estimators` and never feed this package.
 """
 
+from lipnets.bounds import conv as _conv  # noqa: F401  (registers the convolution rules)
+from lipnets.bounds import pool_rules as _pool_rules  # noqa: F401  (LPPool, pixel shuffles)
 from lipnets.bounds import rules as _rules  # noqa: F401  (registers the built-in rules)
 from lipnets.bounds.compose import LeafBound, lipschitz_bound
 from lipnets.bounds.registry import find_rule, register_bound

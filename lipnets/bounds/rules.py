@@ -2,9 +2,9 @@
 
 Every rule here is a proof written as code: each constant is the supremum of
 the module's local slope (or an upper bound on it), computed from the module's
-current parameters. Modules not listed (``GELU``, ``LayerNorm``, ``Conv2d``
-until the convolution rules land, ...) have no rule and make
-[`lipschitz_bound`][lipnets.bounds.lipschitz_bound] raise.
+current parameters. ``Conv1d`` and ``Conv2d`` have their rules in
+`lipnets.bounds.conv`. Modules not listed (``GELU``, ``LayerNorm``, ...) have no
+rule and make [`lipschitz_bound`][lipnets.bounds.lipschitz_bound] raise.
 """
 
 from __future__ import annotations

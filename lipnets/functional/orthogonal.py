@@ -30,6 +30,12 @@ iterations (the power-of-two scaling used by Frobenius pre-scaling costs more).
 The Gram matrix is always formed on the smaller side ($n \times n$ for a tall
 $m \times n$ matrix), so each step costs two products with the big matrix.
 
+A stack of matrices (shape $(\dots, m, n)$) is orthogonalised with one
+sequence of batched products. Each matrix gets its own pre-scaling, so the
+convergence argument holds matrix by matrix, and the stopping rule below is
+applied to the largest residual of the stack, so every matrix ends at least as
+accurate as it would alone.
+
 # Note [Bjorck stopping rule]
 
 Each step computes $A = X^\top X$ anyway, so the residual
@@ -77,8 +83,8 @@ _CAPS = {1: 2.5, 2: 2.0}
 def _check_matrix(w: Tensor, name: str) -> None:
     if not isinstance(w, Tensor) or not w.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {type(w).__name__}")
-    if w.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
+    if w.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions, got shape {tuple(w.shape)}")
     if w.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(w.shape)}")
 
@@ -103,25 +109,25 @@ def _check_options(order: int, tol: float, iterations: int | None, max_iteration
 def _bjorck_tall(
     x: Tensor, order: int, tol: float, iterations: int | None, max_iterations: int, name: str
 ) -> Tensor:
-    """Björck iterations on a tall matrix (rows >= columns); autograd follows the ops."""
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    """Björck iterations on a stack of tall matrices; autograd follows the ops."""
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     a = x.mT @ x
-    bound = a.abs().sum(dim=1).max()  # ||A||_inf >= lambda_max(A)
-    if not torch.isfinite(bound):
+    # ||A||_inf >= lambda_max(A), per matrix (Note [Bjorck pre-scaling]).
+    bound = a.abs().sum(dim=-1).amax(dim=-1)[..., None, None]
+    if not bool(torch.isfinite(bound).all()):
         raise ValueError(f"{name} has NaN or infinite entries; cannot orthogonalise it")
-    if bound == 0:
-        raise ValueError(f"{name} is all zeros; it has no orthogonal polar factor")
+    if bool((bound == 0).any()):
+        raise ValueError(f"{name} has an all-zero matrix; it has no orthogonal polar factor")
     cap = _CAPS[order]
-    if bound > cap:
-        scale = cap / bound
-        x = x * scale.sqrt()
-        a = a * scale
+    scale = torch.where(bound > cap, cap / bound, torch.ones_like(bound))
+    x = x * scale.sqrt()
+    a = a * scale
     steps = iterations if iterations is not None else max_iterations
     residual = math.inf
     for step in range(steps):
         e = a - eye
         if iterations is None:
-            residual = float(torch.linalg.matrix_norm(e.detach()))
+            residual = float(torch.linalg.matrix_norm(e.detach()).max())
             if not math.isfinite(residual):
                 raise ValueError(f"{name}: Björck iteration produced NaN or infinite values")
         if order == 1:
@@ -134,8 +140,8 @@ def _bjorck_tall(
     if iterations is None and residual > tol:
         warnings.warn(
             f"{name}: Björck iteration did not converge in {max_iterations} iterations "
-            f"(||X^T X - I||_F = {residual:.3g} > tol = {tol:g}); the weight is not orthogonal, "
-            "which lipschitz_bound() reports. Is the raw weight rank-deficient?",
+            f"(largest ||X^T X - I||_F = {residual:.3g} > tol = {tol:g}); the kernel is not "
+            "orthogonal, which lipschitz_bound() reports. Is a raw matrix rank-deficient?",
             LipnetsWarning,
             stacklevel=4,
         )
@@ -161,7 +167,8 @@ def bjorck(
     iterations by autograd.
 
     Args:
-        w: an $m \times n$ floating-point matrix of full rank.
+        w: an $m \times n$ floating-point matrix of full rank, or a stack of
+            them (shape $(\dots, m, n)$), each orthogonalised on its own.
         order: 1 (quadratic convergence, two matrix products per step) or 2
             (cubic convergence, three products per step).
         tol: stop once $\|X^\top X - I\|_F \le$ `tol`, after one last step.
@@ -171,11 +178,11 @@ def bjorck(
 
     Returns:
         A tensor of the shape and dtype of `w`, with orthonormal columns if
-        $m \ge n$ and orthonormal rows otherwise.
+        $m \ge n$ and orthonormal rows otherwise (per matrix of a stack).
 
     Raises:
-        ValueError: for a matrix that is not 2-D, empty, all zeros or not
-            finite, or for a bad option.
+        ValueError: for a tensor with fewer than 2 dimensions, an empty one, an
+            all-zero or non-finite matrix, or a bad option.
 
     Example:
         >>> w = torch.randn(6, 4, dtype=torch.float64)
@@ -190,7 +197,7 @@ def bjorck(
     """
     _check_matrix(w, name)
     _check_options(order, tol, iterations, max_iterations)
-    if w.shape[0] >= w.shape[1]:
+    if w.shape[-2] >= w.shape[-1]:
         return _bjorck_tall(w, order, tol, iterations, max_iterations, name)
     return _bjorck_tall(w.mT, order, tol, iterations, max_iterations, name).mT
 
@@ -214,7 +221,7 @@ class _BjorckRetraction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (q,) = ctx.saved_tensors
-        tall = q.shape[0] >= q.shape[1]
+        tall = q.shape[-2] >= q.shape[-1]
         if not tall:
             q, grad = q.mT, grad.mT
         m = q.mT @ grad

@@ -42,6 +42,7 @@ __all__ = [
     "BjorckOrthogonal",
     "CayleyOrthogonal",
     "compute_dtype",
+    "polar",
 ]
 
 
@@ -90,6 +91,36 @@ def compute_dtype(raw: Tensor, least: torch.dtype = torch.float32) -> torch.dtyp
     return torch.promote_types(raw.dtype, least)
 
 
+def polar(raw: Tensor, config: BjorckConfig, *, training: bool, name: str) -> Tensor:
+    """The polar factor(s) of `raw`, as a parametrization computes them.
+
+    Picks the path of Note [Bjorck reprojection]: in training, with gradients
+    on and `raw` a leaf `nn.Parameter` that requires them, `bjorck_retraction`
+    plus a write-back into `raw`; with gradients on otherwise, `bjorck` with
+    autograd through the iterations; without gradients, `bjorck` under
+    `torch.no_grad`. Autocast is disabled and the result has the dtype
+    `compute_dtype(raw, config.dtype)`. `raw` may be a stack of matrices.
+    """
+    options = {
+        "order": config.order,
+        "tol": config.tol,
+        "iterations": config.iterations,
+        "max_iterations": config.max_iterations,
+        "name": name,
+    }
+    x = raw.to(compute_dtype(raw, config.dtype))
+    with torch.autocast(raw.device.type, enabled=False):
+        if not (torch.is_grad_enabled() and raw.requires_grad):
+            with torch.no_grad():
+                return bjorck(x, **options)
+        if config.reproject and training and isinstance(raw, nn.Parameter):
+            q = bjorck_retraction(x, **options)
+            with torch.no_grad():
+                raw.copy_(q)
+            return q
+        return bjorck(x, **options)
+
+
 class BjorckOrthogonal(nn.Module):
     r"""Parametrization mapping a raw matrix to its orthogonal polar factor.
 
@@ -119,25 +150,7 @@ class BjorckOrthogonal(nn.Module):
         self.name = name
 
     def forward(self, raw: Tensor) -> Tensor:
-        cfg = self.config
-        options = {
-            "order": cfg.order,
-            "tol": cfg.tol,
-            "iterations": cfg.iterations,
-            "max_iterations": cfg.max_iterations,
-            "name": self.name,
-        }
-        dtype = compute_dtype(raw, cfg.dtype)
-        with torch.autocast(raw.device.type, enabled=False):
-            if not (torch.is_grad_enabled() and raw.requires_grad):
-                with torch.no_grad():
-                    return bjorck(raw.to(dtype), **options).to(raw.dtype)
-            if cfg.reproject and self.training and isinstance(raw, nn.Parameter):
-                q = bjorck_retraction(raw.to(dtype), **options).to(raw.dtype)
-                with torch.no_grad():
-                    raw.copy_(q)
-                return q
-            return bjorck(raw.to(dtype), **options).to(raw.dtype)
+        return polar(raw, self.config, training=self.training, name=self.name).to(raw.dtype)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         return weight
