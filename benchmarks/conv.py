@@ -237,8 +237,11 @@ def bench_config(
     for _ in range(args.warmup):
         for module in plain_eval.values():
             _eval(module, x)
-    for _ in range(rounds):
-        for key, module in plain_eval.items():
+    for step in range(rounds):
+        # Alternate the order: a module timed right after an FFT layer (or any
+        # other) would otherwise pay for the caches that layer evicted.
+        order = list(plain_eval.items())
+        for key, module in order if step % 2 == 0 else reversed(order):
             _sync(device)
             start = time.perf_counter()
             _eval(module, x)

@@ -133,8 +133,10 @@ def bench_width(n: int, args, device: torch.device) -> list[dict]:
     for _ in range(warmup):
         for module in plain_eval.values():
             _eval(module, x)
-    for _ in range(rounds):
-        for key, module in plain_eval.items():
+    for step in range(rounds):
+        # Alternate the order, so that no module always runs right after another.
+        order = list(plain_eval.items())
+        for key, module in order if step % 2 == 0 else reversed(order):
             _sync(device)
             start = time.perf_counter()
             _eval(module, x)
