@@ -8,8 +8,9 @@ singular values are exactly those of all the $\hat K_{uv}$ together, so the
 convolution is orthogonal if and only if every $\hat K_{uv}$ is. Trockman &
 Kolter (2021) make each one orthogonal by a Cayley transform; this module
 computes those matrices (`cayley_frequency_matrices`), applies them
-(`fft_conv2d`), and measures them (`frequency_spectral_norm_bound`,
-`frequency_orthogonality_error`). `lipnets.nn.CayleyConv2d` is the module.
+(`fft_conv2d`); `lipnets.functional.spectral_norm_bound` and
+`orthogonality_error` measure them (they accept stacks of complex
+matrices). `lipnets.nn.CayleyConv2d` is the module.
 
 # Note [Kernel transform]
 
@@ -111,11 +112,7 @@ __all__ = [
     "conv_frequency_matrices",
     "fft_cayley_conv2d",
     "fft_conv2d",
-    "frequency_orthogonality_error",
-    "frequency_spectral_norm_bound",
 ]
-
-_EPS64 = torch.finfo(torch.float64).eps
 
 
 def _pair(value: object, name: str) -> tuple[int, int]:
@@ -353,7 +350,7 @@ def conv_frequency_matrices(kernel: Tensor, size: int | Sequence[int]) -> Tensor
     frequency $(u, v)$ of the input by the returned matrix $\hat K_{uv}$.
     Conjugate frequencies hold exactly conjugate matrices (Note [Real-FFT
     symmetry]), so `fft_conv2d(x, conv_frequency_matrices(kernel, size))` is
-    that convolution, and `frequency_spectral_norm_bound` of the result bounds
+    that convolution, and `spectral_norm_bound` of the result bounds
     its norm. Computed in float32 or better with autocast disabled.
 
     Args:
@@ -586,68 +583,3 @@ def fft_cayley_conv2d(
     if bias is not None:
         y = y + bias.to(y.dtype).reshape(-1, 1, 1)
     return y
-
-
-def _check_matrices(matrices: Tensor, name: str) -> Tensor:
-    if not isinstance(matrices, Tensor) or not (
-        matrices.is_complex() or matrices.is_floating_point()
-    ):
-        raise TypeError(
-            f"{name} must be a complex or floating tensor, got {type(matrices).__name__}"
-        )
-    if matrices.ndim < 2:
-        raise ValueError(
-            f"{name} must be a batch of matrices (..., m, n), got {tuple(matrices.shape)}"
-        )
-    w = matrices.detach()
-    w = w.to(torch.complex128) if w.is_complex() else w.to(torch.float64)
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{name} contains NaN or infinite entries; no Lipschitz bound exists")
-    return w.reshape(-1, *w.shape[-2:])
-
-
-def frequency_spectral_norm_bound(matrices: Tensor, *, name: str = "matrices") -> Tensor:
-    r"""Sound upper bound on the largest spectral norm in a batch of (complex) matrices.
-
-    The singular values of each matrix are computed in float64 (complex128
-    for complex input; the cast is exact) and the largest is multiplied by
-    $1 + 10 \max(m, n)\, \varepsilon_{64}$ (Note [Sound frequency bound]).
-    For the per-frequency matrices of a circular convolution this bounds the
-    convolution's $\ell_2 \to \ell_2$ norm.
-
-    Args:
-        matrices: tensor of shape (..., m, n), real or complex.
-        name: how to name it in error messages.
-
-    Returns:
-        A 0-dim float64 tensor on the CPU, detached.
-
-    Raises:
-        TypeError: for a tensor that is neither complex nor floating-point.
-        ValueError: for fewer than 2 dimensions or NaN/infinite entries.
-
-    Example:
-        >>> import torch
-        >>> m = torch.stack([torch.eye(2), 3 * torch.eye(2)]).to(torch.complex64)
-        >>> bound = frequency_spectral_norm_bound(m)
-        >>> bool(3.0 <= bound <= 3.0 * (1 + 1e-12))
-        True
-    """
-    w = _check_matrices(matrices, name)
-    if w.numel() == 0:
-        return torch.zeros((), dtype=torch.float64)
-    sigma = torch.linalg.svdvals(w)[:, 0].max().cpu()
-    return sigma * (1.0 + 10.0 * max(w.shape[-2:]) * _EPS64)
-
-
-def frequency_orthogonality_error(matrices: Tensor, *, name: str = "matrices") -> Tensor:
-    r"""$\max |\sigma_i - 1|$ over every singular value of every matrix in a batch, in float64.
-
-    Example:
-        >>> import torch
-        >>> m = torch.stack([torch.eye(2), torch.diag(torch.tensor([1.0, 0.5]))])
-        >>> frequency_orthogonality_error(m.to(torch.complex64))
-        tensor(0.5000, dtype=torch.float64)
-    """
-    w = _check_matrices(matrices, name)
-    return (torch.linalg.svdvals(w) - 1).abs().max().cpu()

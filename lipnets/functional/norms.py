@@ -31,16 +31,20 @@ def spectral_norm_bound(matrix: torch.Tensor, *, name: str = "matrix") -> torch.
     the SVD (see Note [Sound spectral norm in float64] in this module).
 
     Args:
-        matrix: a 2-D tensor of any floating dtype and device.
+        matrix: a real or complex matrix of any dtype and device, or a stack
+            of them (shape $(\\dots, m, n)$, e.g. the per-frequency matrices of
+            a circular convolution): the bound is then the largest over the
+            stack. Complex matrices are computed in complex128, with the same
+            argument and slack.
         name: how to name the tensor in error messages (e.g. ``"fc.weight"``).
 
     Returns:
         A 0-dim float64 tensor on the CPU, detached from autograd.
 
     Raises:
-        TypeError: if ``matrix`` is not a floating-point tensor.
-        ValueError: if it is not 2-D, is uninitialised (lazy), or holds NaN or
-            infinite entries.
+        TypeError: if ``matrix`` is not a floating-point or complex tensor.
+        ValueError: if it has fewer than 2 dimensions, is uninitialised (lazy),
+            or holds NaN or infinite entries.
 
     Example:
         >>> import torch
@@ -52,14 +56,22 @@ def spectral_norm_bound(matrix: torch.Tensor, *, name: str = "matrix") -> torch.
     """
     if isinstance(matrix, torch.nn.parameter.UninitializedParameter):
         raise ValueError(f"{name} is an uninitialised lazy parameter: run one forward pass first")
-    if not isinstance(matrix, torch.Tensor) or not matrix.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {type(matrix).__name__}")
-    if matrix.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(matrix.shape)}")
-    w = matrix.detach().to(dtype=torch.float64)
+    if not isinstance(matrix, torch.Tensor) or not (
+        matrix.is_floating_point() or matrix.is_complex()
+    ):
+        raise TypeError(
+            f"{name} must be a floating-point or complex tensor, got {type(matrix).__name__}"
+        )
+    if matrix.ndim < 2:
+        raise ValueError(
+            f"{name} must be a matrix or a stack of matrices (..., m, n), "
+            f"got shape {tuple(matrix.shape)}"
+        )
+    w = matrix.detach()
+    w = w.to(torch.complex128) if w.is_complex() else w.to(torch.float64)
     if w.numel() == 0:
         return torch.zeros((), dtype=torch.float64)
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name} contains NaN or infinite entries; no Lipschitz bound exists")
-    sigma = torch.linalg.svdvals(w)[0].cpu()
-    return sigma * (1.0 + 10.0 * max(w.shape) * _EPS64)
+    sigma = torch.linalg.svdvals(w)[..., 0].max().cpu()
+    return sigma * (1.0 + 10.0 * max(w.shape[-2:]) * _EPS64)

@@ -307,19 +307,34 @@ def cayley(a: Tensor, out_features: int, in_features: int) -> Tensor:
     return q if out_features >= in_features else q.mT
 
 
-def orthogonality_error(w: Tensor) -> Tensor:
+def orthogonality_error(w: Tensor, *, name: str = "w") -> Tensor:
     r"""How far a matrix is from (semi-)orthogonal: $\max_i |\sigma_i(w) - 1|$.
 
-    The singular values are computed in float64 from the matrix as it is, so
-    the value describes the realised weight, rounding included.
+    The singular values are computed in float64 (complex128 for a complex
+    matrix) from the matrix as it is, so the value describes the realised
+    weight, rounding included. A stack of matrices (shape $(\dots, m, n)$,
+    e.g. the per-frequency matrices of a circular convolution) gives the
+    largest value over the stack: unitary matrices give 0.
 
     Returns:
-        A 0-dim float64 tensor on the matrix's device, detached.
+        A 0-dim float64 tensor on the CPU, detached.
+
+    Raises:
+        TypeError: if `w` is not a floating-point or complex tensor.
+        ValueError: if it has fewer than 2 dimensions, is empty or not finite.
 
     Example:
         >>> orthogonality_error(torch.diag(torch.tensor([1.0, 0.5])))
         tensor(0.5000, dtype=torch.float64)
     """
-    _check_matrix(w, "w")
-    s = torch.linalg.svdvals(w.detach().to(torch.float64))
-    return (s - 1).abs().max()
+    if not isinstance(w, Tensor) or not (w.is_floating_point() or w.is_complex()):
+        raise TypeError(
+            f"{name} must be a floating-point or complex tensor, got {type(w).__name__}"
+        )
+    if w.ndim < 2 or w.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty (stack of) matrices, got {tuple(w.shape)}")
+    w = w.detach()
+    w = w.to(torch.complex128) if w.is_complex() else w.to(torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} contains NaN or infinite entries")
+    return (torch.linalg.svdvals(w) - 1).abs().max().cpu()

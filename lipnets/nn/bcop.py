@@ -60,6 +60,8 @@ from lipnets.functional.bcop import (
     strided_from_space_to_depth,
 )
 from lipnets.functional.conv_norms import conv2d_spectral_norm_bound
+from lipnets.functional.fft_cayley import conv_frequency_matrices
+from lipnets.functional.orthogonal import orthogonality_error
 from lipnets.parametrizations.orthogonal import BJORCK_DEFAULT, BjorckConfig, polar
 
 __all__ = ["BCOPConv2d"]
@@ -388,15 +390,8 @@ class BCOPConv2d(nn.Conv2d):
         s = self.stride[0]
         nh, nw = -(-size[0] // s), -(-size[1] // s)  # zeros: an odd size is a block of the next
         with torch.no_grad():
-            kernel = space_to_depth_from_strided(self.weight.detach(), s)
-            k = kernel.double()
-            rows = torch.arange(k.shape[-2], device=k.device) % nh
-            cols = torch.arange(k.shape[-1], device=k.device) % nw
-            folded = k.new_zeros(*k.shape[:2], nh, k.shape[-1]).index_add_(2, rows, k)
-            folded = k.new_zeros(*k.shape[:2], nh, nw).index_add_(3, cols, folded)
-            symbol = torch.fft.fft2(folded).permute(2, 3, 0, 1)
-            sigma = torch.linalg.svdvals(symbol)
-            return (sigma - 1).abs().max().cpu()
+            kernel = space_to_depth_from_strided(self.weight.detach(), s).double()
+            return orthogonality_error(conv_frequency_matrices(kernel, (nh, nw)))
 
     def to_vanilla(self) -> nn.Conv2d:
         """A plain `nn.Conv2d` holding the realised kernel and the bias.

@@ -37,9 +37,9 @@ from lipnets.functional.fft_cayley import (
     cayley_frequency_matrices,
     fft_cayley_conv2d,
     fft_conv2d,
-    frequency_orthogonality_error,
-    frequency_spectral_norm_bound,
 )
+from lipnets.functional.norms import spectral_norm_bound
+from lipnets.functional.orthogonal import orthogonality_error
 from lipnets.functional.reshape import space_to_depth
 
 __all__ = ["CayleyConv2d", "FrequencyConv2d"]
@@ -266,7 +266,7 @@ class CayleyConv2d(nn.Module):
         r"""Sound $\ell_2 \to \ell_2$ bound for inputs of shape `input_shape`, in float64.
 
         The largest singular value over the realised per-frequency matrices
-        (`lipnets.functional.frequency_spectral_norm_bound`, Note [Sound
+        (`lipnets.functional.spectral_norm_bound`, Note [Sound
         frequency bound]); `space_to_depth` and the bias do not change it.
 
         Args:
@@ -285,7 +285,7 @@ class CayleyConv2d(nn.Module):
         """
         size = self._shape_to_size(input_shape, "lipschitz_bound")
         with torch.no_grad():
-            return frequency_spectral_norm_bound(
+            return spectral_norm_bound(
                 self.frequency_matrices(size), name="CayleyConv2d frequency matrices"
             )
 
@@ -293,7 +293,7 @@ class CayleyConv2d(nn.Module):
         r"""$\max |\sigma_i - 1|$ over all frequency matrices for inputs of `input_shape`."""
         size = self._shape_to_size(input_shape, "orthogonality_error")
         with torch.no_grad():
-            return frequency_orthogonality_error(
+            return orthogonality_error(
                 self.frequency_matrices(size), name="CayleyConv2d frequency matrices"
             )
 
@@ -433,7 +433,7 @@ class FrequencyConv2d(nn.Module):
                     f"this FrequencyConv2d only accepts inputs of size {self.input_size}, but "
                     f"input_shape={tuple(input_shape)}"
                 )
-        return frequency_spectral_norm_bound(self._complex(), name="FrequencyConv2d.matrices")
+        return spectral_norm_bound(self._complex(), name="FrequencyConv2d.matrices")
 
     def extra_repr(self) -> str:
         return (
