@@ -40,24 +40,14 @@ import argparse
 import itertools
 import json
 import math
-import platform
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
 import torch
+from _timing import describe, eval_forward, interleaved_eval_medians, median_time, tqdm
 from torch import nn
 
 import lipnets
-
-try:
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover - tqdm ships with the zoo/dev extras
-
-    def tqdm(iterable, **_):
-        return iterable
-
 
 Maker = Callable[[int, tuple[int, int]], nn.Module]
 
@@ -93,29 +83,6 @@ def _makers() -> dict[str, Maker]:
 
 
 EXPORTED = ("BCOPConv2d", "CayleyConv2d")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(fn: Callable[[], object], steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _eval(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return layer(x)
 
 
 def _dft_applicable(layer: nn.Module) -> bool:
@@ -207,10 +174,10 @@ def bench_config(
             nn.functional.mse_loss(layer(x), target).backward()
             opt.step()
 
-        train = _median_time(train_step, args.steps, args.warmup, device)
+        train = median_time(train_step, args.steps, args.warmup, device)
         layer.eval()
-        evaluate = _median_time(
-            lambda layer=layer: _eval(layer, x), args.steps, args.warmup, device
+        evaluate = median_time(
+            lambda layer=layer: eval_forward(layer, x), args.steps, args.warmup, device
         )
         base = {"channels": c, "size": hw}
         rows.append(
@@ -229,27 +196,10 @@ def bench_config(
                 | {"export_type": type(plain).__name__}
                 | operator_sigmas(plain, c, size)
             )
-    # Exported layers are plain torch modules; interleaving their runs with the
-    # reference keeps machine noise (other processes, frequency changes) from
-    # favouring one of them.
-    rounds = 5 * args.steps
-    times: dict[str, list[float]] = {k: [] for k in plain_eval}
-    for _ in range(args.warmup):
-        for module in plain_eval.values():
-            _eval(module, x)
-    for step in range(rounds):
-        # Alternate the order: a module timed right after an FFT layer (or any
-        # other) would otherwise pay for the caches that layer evicted.
-        order = list(plain_eval.items())
-        for key, module in order if step % 2 == 0 else reversed(order):
-            _sync(device)
-            start = time.perf_counter()
-            _eval(module, x)
-            _sync(device)
-            times[key].append(time.perf_counter() - start)
+    medians = interleaved_eval_medians(plain_eval, x, 5 * args.steps, args.warmup, device)
     for r in rows:
-        if r["layer"] in times:
-            r["eval_s"] = statistics.median(times[r["layer"]])
+        if r["layer"] in medians:
+            r["eval_s"] = medians[r["layer"]]
     ref = next(r for r in rows if r["layer"] == "nn.Conv2d")
     for r in rows:
         r["train_x"] = r["train_s"] / ref["train_s"]
@@ -290,12 +240,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw rows to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        cpu = platform.processor() or platform.machine()
-        where = f"{cpu} CPU, {torch.get_num_threads()} threads"
-    where += f", torch {torch.__version__}"
+    where = describe(device)
     makers = _makers()
     rows = []
     configs = list(itertools.product(args.sizes, args.channels))

@@ -25,22 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import describe, eval_forward, interleaved_eval_medians, median_time, tqdm
 from torch import nn
 
 import lipnets
-
-try:
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover - tqdm ships with the zoo/dev extras
-
-    def tqdm(iterable, **_):
-        return iterable
 
 
 def _torchlip() -> Callable[[int, int], nn.Module] | None:
@@ -49,29 +40,6 @@ def _torchlip() -> Callable[[int, int], nn.Module] | None:
     except ImportError:
         return None
     return lambda i, o: torchlip.SpectralLinear(i, o)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(fn: Callable[[], object], steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _eval(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return layer(x)
 
 
 def _sigmas(layer: nn.Module) -> tuple[float, float]:
@@ -108,9 +76,9 @@ def bench_width(n: int, args, device: torch.device) -> list[dict]:
             nn.functional.mse_loss(layer(x), target).backward()
             opt.step()
 
-        train = _median_time(train_step, steps, warmup, device)
+        train = median_time(train_step, steps, warmup, device)
         layer.eval()
-        evaluate = _median_time(lambda layer=layer: _eval(layer, x), steps, warmup, device)
+        evaluate = median_time(lambda layer=layer: eval_forward(layer, x), steps, warmup, device)
         smax, smin = _sigmas(layer)
         rows.append(
             {"width": n, "layer": name, "train_s": train, "eval_s": evaluate}
@@ -126,25 +94,10 @@ def bench_width(n: int, args, device: torch.device) -> list[dict]:
                 {"width": n, "layer": f"{name} export", "train_s": math.nan, "eval_s": math.nan}
                 | {"sigma_max": smax, "sigma_min": smin}
             )
-    # An exported layer is an nn.Linear; interleaving the runs keeps machine noise
-    # (other processes, frequency changes) from favouring one of them.
-    rounds = 5 * steps
-    times: dict[str, list[float]] = {k: [] for k in plain_eval}
-    for _ in range(warmup):
-        for module in plain_eval.values():
-            _eval(module, x)
-    for step in range(rounds):
-        # Alternate the order, so that no module always runs right after another.
-        order = list(plain_eval.items())
-        for key, module in order if step % 2 == 0 else reversed(order):
-            _sync(device)
-            start = time.perf_counter()
-            _eval(module, x)
-            _sync(device)
-            times[key].append(time.perf_counter() - start)
+    medians = interleaved_eval_medians(plain_eval, x, 5 * steps, warmup, device)
     for r in rows:
-        if r["layer"] in times:
-            r["eval_s"] = statistics.median(times[r["layer"]])
+        if r["layer"] in medians:
+            r["eval_s"] = medians[r["layer"]]
     base = next(r for r in rows if r["layer"] == "nn.Linear")
     for r in rows:
         r["train_x"] = r["train_s"] / base["train_s"]
@@ -184,12 +137,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw rows to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        cpu = platform.processor() or platform.machine()
-        where = f"{cpu} CPU, {torch.get_num_threads()} threads"
-    where += f", torch {torch.__version__}"
+    where = describe(device)
     rows = []
     for n in tqdm(args.widths, desc="widths"):
         rows += bench_width(n, args, device)
