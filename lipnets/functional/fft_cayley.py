@@ -27,6 +27,17 @@ $H \times W$ torus add up and a kernel larger than the grid is still the right
 circular operator. The Cayley transform is applied to these matrices, so the
 raw kernel is the convolution whose Cayley image the layer applies.
 
+# Note [Skew part in the tap domain]
+
+The skew-Hermitian part $U(\omega) - U(\omega)^H$ is formed before the
+transform. With $U(\omega) = \sum_d U_d e^{i \omega d}$ over centred tap
+offsets $d$, $U(\omega)^H = \sum_d U_{-d}^\top e^{i \omega d}$, so it is the
+transfer matrix of the taps $S_d = U_d - U_{-d}^\top$: the kernel minus its
+flipped, channel-transposed self (an even tap count first gets a zero tap in
+front, which keeps every offset and makes them symmetric). That costs one more
+small tap transform instead of a subtraction with a conjugate transpose over
+every frequency matrix, forward and backward.
+
 # Note [Cayley on the Stiefel manifold]
 
 For a tall $m \times n$ matrix $Z = [U; V]$ ($U$ its top $n \times n$ block,
@@ -103,6 +114,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lipnets.functional.reshape import space_to_depth
@@ -248,18 +260,6 @@ class _Inverse(torch.autograd.Function):
         return (rh @ (grad @ rh)).neg_()  # a fresh product: negate in place
 
 
-class _SkewPart(torch.autograd.Function):
-    r"""$U \mapsto U - U^H$, whose adjoint is itself: one pass each way."""
-
-    @staticmethod
-    def forward(ctx, u):  # type: ignore[override]
-        return u - u.mH
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return grad - grad.mH
-
-
 class _Matmul(torch.autograd.Function):
     """Batched complex product whose backward takes conjugates physically (see `_Inverse`)."""
 
@@ -276,11 +276,15 @@ class _Matmul(torch.autograd.Function):
         return grad_a, grad_b
 
 
-def _cayley_tall(z: Tensor) -> Tensor:
-    """Batched Cayley map of Note [Cayley on the Stiefel manifold] for tall (..., m, n)."""
+def _cayley_tall(z: Tensor, skew: Tensor) -> Tensor:
+    """Batched Cayley map of Note [Cayley on the Stiefel manifold] for tall (..., m, n).
+
+    `skew` is $U - U^H$ for the top block $U$ of `z`, computed in the tap
+    domain (Note [Skew part in the tap domain]).
+    """
     n = z.shape[-1]
-    u, v = z[..., :n, :], z[..., n:, :]
-    m = _SkewPart.apply(u)
+    v = z[..., n:, :]
+    m = skew
     if v.shape[-2] > 0:
         m = m + _Matmul.apply(v.conj_physical().mT, v)
     m.diagonal(dim1=-2, dim2=-1).add_(1)  # I + A, in place on a fresh tensor
@@ -325,16 +329,28 @@ def _transfer_matrices(kernel: Tensor, height: int, width: int) -> Tensor:
     return full.reshape(height * cols, m, n)
 
 
+def _skew_taps(kernel: Tensor, wide: bool) -> Tensor:
+    """Taps whose transfer matrices are $U - U^H$ (Note [Skew part in the tap domain])."""
+    taps = kernel.transpose(0, 1) if wide else kernel  # the tall orientation
+    n = taps.shape[1]
+    u = taps[:n]
+    # Odd tap counts are centred; an even count gets a zero tap in front, which
+    # keeps every tap's offset (t - (k - 1) // 2) and makes the offsets symmetric.
+    u = F.pad(u, (1 - u.shape[-1] % 2, 0, 1 - u.shape[-2] % 2, 0))
+    return u - u.flip(-2, -1).transpose(0, 1)
+
+
 def _frequency_matrices(kernel: Tensor, size: int | Sequence[int], cayley: bool) -> Tensor:
     _check_kernel(kernel)
     height, width = _pair(size, "size")
     with torch.autocast(_device_type(kernel), enabled=False):
-        z = _transfer_matrices(kernel.to(_compute_dtype(kernel.dtype)), height, width)
+        kernel = kernel.to(_compute_dtype(kernel.dtype))
+        z = _transfer_matrices(kernel, height, width)
         wide = z.shape[-2] < z.shape[-1]
         if wide:  # transposes keep the conjugate symmetry; fix the tall (non-view) result
             z = z.mT
         if cayley:
-            z = _cayley_tall(z)
+            z = _cayley_tall(z, _transfer_matrices(_skew_taps(kernel, wide), height, width))
         z = _make_hermitian(z, height, width)
         if wide:
             z = z.mT
