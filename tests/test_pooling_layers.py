@@ -384,3 +384,12 @@ def test_lppool_non_norm_behaviour_documented_in_rule():
     x = -torch.ones(1, 1, 2, 2)
     assert torch.isnan(nn.LPPool2d(3, 2)(x)).all()
     assert float(nn.LPPool2d(1, 2)(x)) == -4.0
+
+
+def test_windows_entirely_in_padding_give_a_constant_map():
+    # Stride 4 with padding 1 on 3 positions: windows start at -1 and 3, both in the padding.
+    pool = L2NormPool2d(kernel_size=1, stride=4, padding=1)
+    x = torch.randn(2, 3, 3, 3)
+    assert torch.equal(pool(x), torch.zeros_like(pool(x)))
+    assert float(pool.lipschitz_bound((1, 3, 3, 3))) == 0.0
+    assert pool.lipschitz_bound() >= 1

@@ -86,8 +86,9 @@ def max_window_cover(
         size: Input length $N$, or `None` for a count valid for every length.
 
     Returns:
-        The count $c \geq 0$ (0 only when the padded input is shorter than
-        the window, where torch's pooling would raise).
+        The count $c \geq 0$: 0 when the padded input is shorter than the
+        window (torch's pooling would raise) or every window lies in the
+        padding.
 
     Raises:
         ValueError: If an argument is not an int in range (`kernel_size`,
@@ -362,7 +363,9 @@ class L2NormPool2d(nn.Module):
         for dim in range(2):
             k, s, p = self.kernel_size[dim], self.stride[dim], self.padding[dim]
             count = max_window_cover(k, s, p, sizes[dim])
-            if count == 0:
+            # No window at all is an error; windows that all lie in the padding
+            # (count 0) make the layer constant: its bound is then 0.
+            if sizes[dim] is not None and (sizes[dim] + 2 * p - k) // s + 1 <= 0:
                 raise ValueError(
                     f"input_shape {tuple(input_shape or ())} is too small for kernel_size={k} "
                     f"with padding={p} along spatial dim {dim}: no window fits"
