@@ -6,7 +6,7 @@ model actually has; an *estimate* (from `lipnets.estimators`) is a lower bound
 that only checks it.
 """
 
-from lipnets import bounds, errors, export, functional, nn, parametrizations
+from lipnets import bounds, errors, estimators, export, functional, nn, parametrizations
 from lipnets._version import __version__
 from lipnets.bounds import lipschitz_bound, register_bound
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError, UntraceableModelError
@@ -39,6 +39,7 @@ __all__ = [
     "__version__",
     "bounds",
     "errors",
+    "estimators",
     "export",
     "functional",
     "lipschitz_bound",

@@ -163,7 +163,7 @@ class CayleyConv2d(nn.Module):
         >>> bool(torch.allclose(layer(x).norm(), x.norm(), rtol=1e-5))
         True
         >>> bound = layer.lipschitz_bound(input_shape=(1, 8, 6, 6))
-        >>> bool(1 <= bound <= 1 + 1e-5)
+        >>> bool(abs(bound - 1) <= 1e-5)  # measured: may sit just below 1
         True
 
     References:
