@@ -62,7 +62,7 @@ from lipnets.functional.bcop import (
 from lipnets.functional.conv_norms import conv2d_spectral_norm_bound
 from lipnets.functional.fft_cayley import conv_frequency_matrices
 from lipnets.functional.orthogonal import orthogonality_error
-from lipnets.parametrizations.orthogonal import BJORCK_DEFAULT, BjorckConfig, polar
+from lipnets.parametrizations.orthogonal import BJORCK_DEFAULT, BjorckConfig, WeightConfig, polar
 
 __all__ = ["BCOPConv2d"]
 
@@ -280,16 +280,7 @@ class BCOPConv2d(nn.Conv2d):
             )
         return k, p
 
-    @property
-    def config(self) -> BjorckConfig:
-        """The `BjorckConfig` in use; assign a preset to change it."""
-        return self.parametrizations.weight[0].config
-
-    @config.setter
-    def config(self, value: BjorckConfig) -> None:
-        if not isinstance(value, BjorckConfig):
-            raise TypeError(f"config must be a BjorckConfig, got {type(value).__name__}")
-        self.parametrizations.weight[0].config = value
+    config = WeightConfig()
 
     def reset_parameters(self) -> None:
         """Raw matrices: independent random orthogonal ones; bias as in `nn.Conv2d`."""

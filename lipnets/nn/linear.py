@@ -25,6 +25,7 @@ from lipnets.parametrizations.orthogonal import (
     BjorckConfig,
     BjorckOrthogonal,
     CayleyOrthogonal,
+    WeightConfig,
 )
 
 __all__ = ["BjorckLinear", "CayleyLinear"]
@@ -143,16 +144,7 @@ class BjorckLinear(_OrthogonalLinear):
         )
         self.reset_parameters()
 
-    @property
-    def config(self) -> BjorckConfig:
-        """The `BjorckConfig` in use; assign a preset to change it."""
-        return self.parametrizations.weight[0].config
-
-    @config.setter
-    def config(self, value: BjorckConfig) -> None:
-        if not isinstance(value, BjorckConfig):
-            raise TypeError(f"config must be a BjorckConfig, got {type(value).__name__}")
-        self.parametrizations.weight[0].config = value
+    config = WeightConfig()
 
     def reset_parameters(self) -> None:
         """Raw weight: a random (semi-)orthogonal matrix; bias as in `nn.Linear`."""

@@ -41,6 +41,7 @@ __all__ = [
     "BjorckConfig",
     "BjorckOrthogonal",
     "CayleyOrthogonal",
+    "WeightConfig",
     "compute_dtype",
     "polar",
 ]
@@ -84,6 +85,25 @@ BJORCK_DEFAULT = BjorckConfig()
 #: Export preset: float64 iterations to tol 1e-6, so the exported float32 weight
 #: is the correctly rounded polar factor.
 BJORCK_EXPORT = BjorckConfig(tol=1e-6, dtype=torch.float64)
+
+
+class WeightConfig:
+    """`layer.config`: the `BjorckConfig` of the layer's `weight` parametrization.
+
+    A data descriptor shared by the Björck-based layers (`BjorckLinear`,
+    `BCOPConv2d`): reading it returns the preset in use, assigning a preset
+    switches the parametrization to it.
+    """
+
+    def __get__(self, layer: nn.Module | None, owner: type | None = None) -> BjorckConfig:
+        if layer is None:
+            return self  # type: ignore[return-value]
+        return layer.parametrizations.weight[0].config
+
+    def __set__(self, layer: nn.Module, value: BjorckConfig) -> None:
+        if not isinstance(value, BjorckConfig):
+            raise TypeError(f"config must be a BjorckConfig, got {type(value).__name__}")
+        layer.parametrizations.weight[0].config = value
 
 
 def compute_dtype(raw: Tensor, least: torch.dtype = torch.float32) -> torch.dtype:
