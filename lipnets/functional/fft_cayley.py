@@ -228,13 +228,51 @@ class _Hermitian(torch.autograd.Function):
         return torch.view_as_complex(parts), None, None, None
 
 
+def _transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, jvp, jacrev, ...) is running.
+
+    # Note [Hand-written backward and torch.func]
+
+    The autograd Functions of this module only make the backward pass cheaper
+    (fewer copies, conjugates taken physically); they have no forward-mode or
+    vmap rule. Under a torch.func transform the same maths runs as plain torch
+    ops instead, which every transform supports: the function computed is the
+    same, only the backward's memory traffic differs.
+    """
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
+def _conj(t: Tensor) -> Tensor:
+    """The conjugate, physical for the hand-written products, lazy under torch.func."""
+    return t.conj() if _transforms_active() else t.conj_physical()
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    return a @ b if _transforms_active() else _Matmul.apply(a, b)
+
+
+def _inverse(m: Tensor) -> Tensor:
+    return torch.linalg.inv(m) if _transforms_active() else _Inverse.apply(m)
+
+
 def _make_hermitian(q: Tensor, height: int, width: int) -> Tensor:
     """Mirrored bins := conjugate of their partner, self-conjugate bins := real part.
 
     `q` is a freshly computed (H * (W//2 + 1), m, n) complex tensor that no
     backward pass saved (Note [Real-FFT symmetry]).
     """
-    return _Hermitian.apply(q, *_symmetry_tables(height, width, q.device))
+    mirrored, partner, real = _symmetry_tables(height, width, q.device)
+    if not _transforms_active():
+        return _Hermitian.apply(q, mirrored, partner, real)
+    parts = torch.view_as_real(q)  # (bins, m, n, 2)
+    conj = torch.tensor([1.0, -1.0], dtype=parts.dtype, device=parts.device)
+    parts = parts.index_put((mirrored,), parts[partner] * conj)
+    keep_imag = torch.ones(parts.shape[0], dtype=parts.dtype, device=parts.device)
+    keep_imag = keep_imag.index_fill(0, real, 0.0)
+    scale = torch.stack((torch.ones_like(keep_imag), keep_imag), dim=-1)
+    parts = parts * scale.reshape(-1, *[1] * (parts.ndim - 2), 2)
+    return torch.view_as_complex(parts.contiguous())
 
 
 class _Inverse(torch.autograd.Function):
@@ -286,14 +324,14 @@ def _cayley_tall(z: Tensor, skew: Tensor) -> Tensor:
     v = z[..., n:, :]
     m = skew
     if v.shape[-2] > 0:
-        m = m + _Matmul.apply(v.conj_physical().mT, v)
+        m = m + _matmul(_conj(v).mT, v)
     m.diagonal(dim1=-2, dim2=-1).add_(1)  # I + A, in place on a fresh tensor
-    r = _Inverse.apply(m)
+    r = _inverse(m)
     top = 2 * r
     top.diagonal(dim1=-2, dim2=-1).sub_(1)  # 2R - I
     if v.shape[-2] == 0:
         return top
-    return torch.cat((top, -2 * _Matmul.apply(v, r)), dim=-2)
+    return torch.cat((top, -2 * _matmul(v, r)), dim=-2)
 
 
 def _phases(size: int, taps: int, count: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -435,6 +473,15 @@ def cayley_frequency_matrices(kernel: Tensor, size: int | Sequence[int]) -> Tens
     return _frequency_matrices(kernel, size, cayley=True)
 
 
+def _frequency_conv(x: Tensor, q: Tensor) -> Tensor:
+    """The forward of `_FrequencyConv` in plain torch ops (Note [Hand-written backward and
+    torch.func])."""
+    height, width = x.shape[-2:]
+    x_hat = torch.fft.rfft2(x)  # (B, n, H, C)
+    y_hat = torch.einsum("hcmn,bnhc->bmhc", q, x_hat)
+    return torch.fft.irfft2(y_hat, s=(height, width))
+
+
 class _FrequencyConv(torch.autograd.Function):
     """$y = \\mathrm{irfft2}(Q\\, \\mathrm{rfft2}(x))$ with a hand-written adjoint.
 
@@ -536,7 +583,10 @@ def fft_conv2d(x: Tensor, matrices: Tensor) -> Tensor:
             f"{tuple(x.shape)}: expected ({height}, {width // 2 + 1}, out, {channels})"
         )
     with torch.autocast(x.device.type, enabled=False):
-        return _FrequencyConv.apply(x.to(matrices.real.dtype), matrices.resolve_conj())
+        x, q = x.to(matrices.real.dtype), matrices.resolve_conj()
+        if _transforms_active():
+            return _frequency_conv(x, q)
+        return _FrequencyConv.apply(x, q)
 
 
 def fft_cayley_conv2d(
