@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.nn.utils import parametrize
 
 import lipnets.functional as LF
 from lipnets.bounds.registry import as_bound, find_rule
@@ -75,6 +76,14 @@ class LeafBound:
 class _Composition:
     bound: torch.Tensor
     leaves: list[LeafBound] = field(default_factory=list)
+
+
+LeafValue = Callable[[nn.Module, "torch.Size | None", str], "torch.Tensor | None"]
+"""A leaf's constant from (module, its input shape or None, where): `_own_bound` by default.
+
+Only `lipnets.estimators.autolip` passes another one (power-iteration estimates
+for affine leaves); every bound in lipnets uses the default.
+"""
 
 
 def lipschitz_bound(
@@ -130,7 +139,9 @@ def lipschitz_bound(
     return _compose(model, input_shape).bound
 
 
-def _compose(model: nn.Module, input_shape: Sequence[int] | None) -> _Composition:
+def _compose(
+    model: nn.Module, input_shape: Sequence[int] | None, leaf_value: LeafValue | None = None
+) -> _Composition:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     shape = _check_shape(input_shape)
@@ -140,8 +151,9 @@ def _compose(model: nn.Module, input_shape: Sequence[int] | None) -> _Compositio
     # iteration in training mode): restore every buffer, so the call has no effect.
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
-        where = type(model).__name__
-        own = _own_bound(model, shape, where)
+        where = _kind(model)
+        leaf_value = _own_bound if leaf_value is None else leaf_value
+        own = leaf_value(model, shape, where)
         if own is not None:
             return _Composition(own, [LeafBound("", where, own)])
         gm, constants, traced = _trace(model)
@@ -149,7 +161,7 @@ def _compose(model: nn.Module, input_shape: Sequence[int] | None) -> _Compositio
             _propagate_shapes(model, gm, shape)
         else:
             _require_shapes_for_python_mutation(traced)
-        return _Propagation(gm, constants, shape is not None).run()
+        return _Propagation(gm, constants, shape is not None, leaf_value).run()
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
@@ -183,6 +195,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def _kind(module: nn.Module) -> str:
+    """The class name a user wrote: ``BjorckLinear``, not ``ParametrizedBjorckLinear``."""
+    cls = type(module)
+    if parametrize.is_parametrized(module) and cls.__name__.startswith("Parametrized"):
+        cls = cls.__bases__[0]
+    return cls.__name__
 
 
 def _has_own_bound(module: nn.Module) -> bool:
@@ -452,8 +472,11 @@ def _dropout_scale(node: fx.Node) -> float:
 
 
 class _Propagation:
-    def __init__(self, gm: fx.GraphModule, concrete: set[int], shapes: bool) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, concrete: set[int], shapes: bool, leaf_value: LeafValue
+    ) -> None:
         self.gm = gm
+        self.leaf_value = leaf_value
         self.concrete = concrete
         self.shapes = shapes
         self.K: dict[fx.Node, float] = {}
@@ -498,7 +521,7 @@ class _Propagation:
 
     def where(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return f"{node.target} ({type(self.gm.get_submodule(str(node.target))).__name__})"
+            return f"{node.target} ({_kind(self.gm.get_submodule(str(node.target)))})"
         desc = f"node '{node.name}' ({_describe(node)})"
         stack = node.meta.get("nn_module_stack")
         if stack:
@@ -590,6 +613,8 @@ class _Propagation:
     def check_dtype(self, node: fx.Node, target: Any) -> None:
         """Refuse casts to non-floating dtypes and bit reinterpretation (not Lipschitz)."""
         dtypes: list[Any] = []
+        if node.op == "call_method" and target in _INTEGER_CASTS:
+            dtypes.append(_INTEGER_CASTS[target])
         for a in (*node.args[1:], *node.kwargs.values()):
             if isinstance(a, torch.dtype):
                 dtypes.append(a)
@@ -624,14 +649,14 @@ class _Propagation:
                 f"{where} receives more than one input-dependent tensor, or one that is not "
                 "its first argument; lipnets bounds single-input modules only"
             )
-        bound = _own_bound(module, self.shape(node.args[0]), where)
+        bound = self.leaf_value(module, self.shape(node.args[0]), where)
         if bound is None:
             raise UnboundedModuleError(
                 f"{where} has no bound rule: register one with "
                 f"@lipnets.register_bound({type(module).__name__}) or give the module a "
                 "`lipschitz_bound(self, input_shape=None)` method"
             )
-        self.leaves.append(LeafBound(str(node.target), type(module).__name__, bound))
+        self.leaves.append(LeafBound(str(node.target), _kind(module), bound))
         return float(bound) * self.K[dependent[0]]
 
     def visit_op(self, node: fx.Node, target: Any, dependent: list[fx.Node]) -> float:
@@ -782,6 +807,16 @@ class _Propagation:
                 torch.sigmoid,
             )
         return False
+
+
+_INTEGER_CASTS = {
+    "long": torch.int64,
+    "int": torch.int32,
+    "short": torch.int16,
+    "char": torch.int8,
+    "byte": torch.uint8,
+    "bool": torch.bool,
+}
 
 
 def _first(node: fx.Node) -> Any:
