@@ -6,7 +6,16 @@ model actually has; an *estimate* (from `lipnets.estimators`) is a lower bound
 that only checks it.
 """
 
-from lipnets import bounds, errors, estimators, export, functional, nn, parametrizations
+from lipnets import (
+    bounds,
+    errors,
+    estimators,
+    export,
+    functional,
+    nn,
+    parametrizations,
+    reporting,
+)
 from lipnets._version import __version__
 from lipnets.bounds import lipschitz_bound, register_bound
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError, UntraceableModelError
@@ -22,6 +31,7 @@ from lipnets.nn import (
     L2NormPool2d,
     MaxMin,
 )
+from lipnets.reporting import GuaranteeReport, LayerReport, report
 
 __all__ = [
     "BCOPConv2d",
@@ -30,8 +40,10 @@ __all__ = [
     "CayleyLinear",
     "FullSort",
     "GroupSort",
+    "GuaranteeReport",
     "InvertibleDownsample",
     "L2NormPool2d",
+    "LayerReport",
     "MaxMin",
     "ShapeRequiredError",
     "UnboundedModuleError",
@@ -46,5 +58,7 @@ __all__ = [
     "nn",
     "parametrizations",
     "register_bound",
+    "reporting",
+    "report",
     "to_vanilla",
 ]

@@ -9,7 +9,10 @@ property list on it:
   0-dim float64 tensor >= the exact spectral norm of the dense Jacobian,
   computed in float64 at several inputs (for a linear map: its dense operator);
 * state_dict round trip into a fresh instance gives the same outputs;
-* eval mode is deterministic across repeated calls.
+* eval mode is deterministic across repeated calls;
+* the estimators sit below the bound: ``lower_bound <= max jacobian_norm <=
+  lipschitz_bound``, and AutoLip (and SeqLip where it applies) lies between
+  the lower bound and the sound bound, up to the power-iteration tolerance.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch.nn import functional as F
 
 import lipnets
 import lipnets.functional as LF
+from lipnets.estimators import autolip, jacobian_norm, lower_bound, seqlip
 from lipnets.functional.fft_cayley import fft_cayley_conv2d
 from lipnets.functional.reshape import space_to_depth
 
@@ -197,10 +201,35 @@ def check_eval_determinism(case: Case) -> None:
         assert torch.equal(module(x), first)
 
 
+def check_estimators(case: Case) -> None:
+    module = case.make()
+    one = (1, *case.input_shape[1:])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, *one[1:], generator=g)
+    low = lower_bound(module, x, steps=10, restarts=2, generator=g)
+    points = [x.double(), low.x, low.y]  # the witness is in float64, like the search
+    if low.kind == "pair":  # the ratio is an average of Jacobians along the segment
+        t = torch.linspace(0, 1, 65, dtype=torch.float64).reshape(-1, *[1] * (len(one) - 1))
+        points.append(low.x + t * (low.y - low.x))
+    jac = float(jacobian_norm(as_float64(module), torch.cat(points)).max())
+    bound = float(lipnets.lipschitz_bound(module, one))
+    auto = float(autolip(module, one, generator=g))
+    assert 0 < float(low.value) <= jac * (1 + 1e-5), f"{case}: lower {float(low.value)} > {jac}"
+    assert jac <= bound * (1 + 1e-6), f"{case}: Jacobian norm {jac} > bound {bound}"
+    assert float(low.value) * (1 - 1e-4) <= auto <= bound * (1 + 1e-6), f"{case}: autolip {auto}"
+    try:
+        seq = float(seqlip(module, one, generator=g))
+    except ValueError as exc:
+        assert "derivatives in [0, 1]" in str(exc)
+        return
+    assert float(low.value) * (1 - 1e-4) <= seq <= bound * (1 + 1e-6), f"{case}: seqlip {seq}"
+
+
 CHECKS = [
     check_dtype_device,
     check_functional,
     check_bound,
     check_state_dict,
     check_eval_determinism,
+    check_estimators,
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -340,13 +341,25 @@ def _pair_search(fn, data, steps, lr, restarts, generator, bar) -> tuple[Tensor,
     return best_u[order], best_y[order]
 
 
+def _jvp(fn: Callable[[Tensor], Tensor], p: Tensor, v: Tensor) -> Tensor:
+    """J_f(p) v by forward mode, without torch's internal deprecation warning.
+
+    The first forward-mode call of a process makes torch script its own jvp
+    decompositions, which warns that ``torch.jit.script`` is deprecated: a
+    message about torch internals that a lipnets user can do nothing about.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+        return torch.func.jvp(fn, (p,), (v,))[1]
+
+
 def _power_iteration(fn, p: Tensor, v: Tensor, iterations: int) -> Tensor:
     """`iterations` steps of v <- J^T J v / ||J^T J v|| per row, at fixed points `p`."""
     p = p.detach()
     v = v.detach()
     v = v / _rows(_norms(v).clamp_min(1e-30), v)
     for _ in range(iterations):
-        _, jv = torch.func.jvp(fn, (p,), (v,))
+        jv = _jvp(fn, p, v)
         _, vjp_fn = torch.func.vjp(fn, p)
         (w,) = vjp_fn(jv.detach())
         w = w.detach()
@@ -373,7 +386,7 @@ def _jacobian_search(fn, data, steps, lr, restarts, power_iterations, generator,
     best_p, best_v = p0.clone(), v.clone()
     for step in range(steps + 1):
         p = p0 + _rows(rms, x0) * dp
-        _, jv = torch.func.jvp(fn, (p,), (v,))
+        jv = _jvp(fn, p, v)
         value = _norms(jv.flatten(1)) / _norms(v)
         with torch.no_grad():
             r64 = torch.nan_to_num(value.double(), nan=-math.inf)
@@ -401,6 +414,6 @@ def _exact_pair(fn, u: Tensor, y: Tensor) -> LowerBound:
 
 
 def _exact_jacobian(fn, p: Tensor, v: Tensor) -> LowerBound:
-    _, jv = torch.func.jvp(fn, (p,), (v,))
+    jv = _jvp(fn, p, v)
     value = jv.detach().double().norm() / v.double().norm()
     return LowerBound(value=value.cpu(), x=p.clone(), y=p.clone(), kind="jacobian", direction=v)
