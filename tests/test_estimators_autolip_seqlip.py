@@ -18,7 +18,7 @@ from torch.nn.utils.parametrizations import spectral_norm as sn_param
 
 import lipnets
 from lipnets.errors import UnboundedModuleError
-from lipnets.estimators import autolip, lower_bound, seqlip
+from lipnets.estimators import autolip, jacobian_norm, lower_bound, seqlip
 
 from .helpers import as_float64, dense_jacobian, spectral_norm
 
@@ -501,13 +501,61 @@ def test_seqlip_on_a_convolutional_network() -> None:
     assert exact <= autolip(model, shape, generator=_gen(), **CONVERGED32) * (1 + 1e-6)
 
 
-def test_seqlip_sees_an_affine_residual_block_as_one_matrix() -> None:
+def test_seqlip_refuses_modules_not_known_to_be_affine() -> None:
+    # An affine custom block is still refused: only known types count as affine
+    # (Note [Affinity probe]); no finite probe can certify affinity.
     torch.manual_seed(54)
     model = nn.Sequential(nn.Linear(4, 6), _Residual(6), nn.ReLU(), nn.Linear(6, 3)).double()
-    w0, w3 = _weight(model[0]), _weight(model[3])
-    m1 = (torch.eye(6, dtype=F64) + _weight(model[1].f)) @ w0
-    exact = seqlip(model, (1, 4), method="exact")
-    assert torch.isclose(exact, _brute_force_one_hidden(m1, w3), rtol=1e-9, atol=0.0)
+    with pytest.raises(ValueError, match=r"derivatives in \[0, 1\]"):
+        seqlip(model, (1, 4))
+
+
+class _SkipSequential(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _BigKink(nn.Module):
+    """Linear on any moderate probe, bends at 1e3; has a sound bound of its own."""
+
+    def forward(self, x):
+        return x + 49 * torch.relu(x - 1e3)
+
+    def lipschitz_bound(self, input_shape=None):
+        return torch.tensor(50.0, dtype=torch.float64)
+
+
+def test_sequential_subclasses_and_reused_modules() -> None:
+    torch.manual_seed(56)
+    # A Sequential subclass with a skip connection is one element, not flattened.
+    skip = nn.Sequential(nn.Linear(8, 8), _SkipSequential(nn.Linear(8, 8), nn.ReLU()))
+    with pytest.raises(ValueError, match="_SkipSequential"):
+        seqlip(skip, (1, 8))
+    # A module used twice runs twice: both uses enter the product.
+    lin = nn.Linear(8, 8).double()
+    with torch.no_grad():
+        lin.weight.mul_(3)
+    twice = nn.Sequential(lin, nn.ReLU(), lin)
+    w = _weight(lin)
+    brute = _brute_force_one_hidden(w, w)
+    assert torch.isclose(seqlip(twice, (1, 8), method="exact"), brute, rtol=1e-9, atol=0.0)
+    x = torch.randn(8, 8, generator=_gen(57), dtype=F64)
+    low = lower_bound(twice, x, steps=10, generator=_gen(58)).value
+    assert low <= seqlip(twice, (1, 8)) * (1 + 1e-6)
+
+
+def test_nonlinear_modules_that_look_linear_near_zero() -> None:
+    torch.manual_seed(59)
+    model = nn.Sequential(nn.Linear(8, 8), _BigKink(), nn.Linear(8, 4))
+    # autolip keeps the module's sound constant, so it stays above real slopes
+    # found where the module bends.
+    product = spectral_norm(_weight(model[0])) * 50 * spectral_norm(_weight(model[2]))
+    assert float(autolip(model, (1, 8), generator=_gen())) == pytest.approx(product, rel=1e-5)
+    far = 1e4 * torch.randn(4, 8, generator=_gen(60))
+    assert jacobian_norm(model, far).max() <= autolip(model, (1, 8), generator=_gen())
+    for module in (nn.Threshold(-1e4, 5.0), nn.Hardshrink(1e-9), _BigKink()):
+        with pytest.raises(ValueError, match=r"derivatives in \[0, 1\]"):
+            seqlip(nn.Sequential(nn.Linear(8, 8), module, nn.Linear(8, 4)), (1, 8))
 
 
 def test_seqlip_ignores_biases_and_activation_type() -> None:

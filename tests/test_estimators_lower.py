@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lipnets
+from lipnets.estimators import autolip, jacobian_norm, seqlip
 from lipnets.estimators.lower import LowerBound, lower_bound
 
 from .helpers import as_float64, dense_jacobian, spectral_norm
@@ -88,6 +89,14 @@ def test_below_bound_and_reproduced_at_witness(name):
     bound = lipnets.lipschitz_bound(model, (1, *sample_shape))
     assert est.value.dtype == torch.float64 and est.value.ndim == 0
     assert 0 < est.value <= bound * (1 + 1e-9)
+    # lower <= max Jacobian norm (data and witness) <= bound; AutoLip, and SeqLip where
+    # it applies, at least the lower bound up to the power-iteration tolerance.
+    jac = jacobian_norm(as_float64(model), torch.cat([x.double(), est.x, est.y])).max()
+    assert est.value <= jac * (1 + 1e-9) and jac <= bound * (1 + 1e-9)
+    one = (1, *sample_shape)
+    assert autolip(model, one, generator=_gen(3)) >= est.value * (1 - 1e-4)
+    if name in ("relu-mlp", "tanh-mlp"):
+        assert seqlip(model, one) >= est.value * (1 - 1e-4)
     assert est.x.shape == est.y.shape == (1, *sample_shape)
     assert torch.isclose(
         torch.tensor(_recomputed(model, est), dtype=torch.float64), est.value, rtol=1e-9, atol=1e-12

@@ -1,20 +1,23 @@
-"""Recognising affine maps, and forming the dense matrix of their linear part.
+r"""Recognising affine layers, and forming the dense matrix of their linear part.
 
 Shared by `autolip` (which power-iterates affine leaves and takes the known
 constant of every other leaf) and `seqlip` (which needs the matrices).
 
 # Note [Affinity probe]
 
-A map $f$ is affine iff $f(a) + f(b) = f(a + b) + f(0)$ and
-$f(a) + f(-a) = 2 f(0)$ for all $a, b$. lipnets checks both identities on a
-few random probes at two scales, to a tolerance of $10^3$ machine epsilons of
-the module's dtype (at most 0.05) relative to the size of the terms. Every
-non-affine layer lipnets bounds fails the second identity by an amount of the
-order of its output (ReLU gives $|a|$, MaxPool and GroupSort give a spread of
-values, norm pooling gives $2\\|a\\|$), so the probe separates them with a
-wide margin; an affine layer evaluated in float32 passes with a margin of
-about a thousand. A wrong answer here can only change an estimate, never a
-bound.
+A layer counts as affine when its type is one that computes an affine map
+(`AFFINE_MODULES`: linear and convolution layers, eval-mode BatchNorm,
+average pooling, padding, reshapes, lipnets' orthogonal layers...) *and* a
+numerical probe agrees in the mode it runs in. The type comes first because
+no finite probe can tell an affine map from one that bends far from the
+probes ($x + 49\,\mathrm{relu}(x - 10^3)$ passes any probe of moderate
+size); the probe then catches the modes in which such a type is not affine
+(BatchNorm in training mode mixes the samples of a batch). The probe checks
+$f(a) + f(b) = f(a + b) + f(0)$ and $f(a) + f(-a) = 2 f(0)$ on a few random
+inputs at two scales, to $10^3$ machine epsilons of the dtype (at most 0.05)
+relative to the size of the terms. Any other module is not affine here:
+AutoLip keeps its sound constant and SeqLip refuses it. A wrong answer here
+can only change an estimate, never a bound.
 """
 
 from __future__ import annotations
@@ -22,9 +25,53 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from lipnets.nn import CayleyConv2d, FrequencyConv2d, InvertibleDownsample
 
 _PROBES = 3
+
+AFFINE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear,  # BjorckLinear and CayleyLinear are subclasses
+    nn.modules.conv._ConvNd,  # Conv1d/2d/3d, ConvTranspose*, BCOPConv2d
+    nn.modules.batchnorm._BatchNorm,  # affine in eval mode (the probe checks the mode)
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
+    CayleyConv2d,
+    FrequencyConv2d,
+    InvertibleDownsample,
+)
+"""Module types that compute an affine map of their input (Note [Affinity probe])."""
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -40,14 +87,17 @@ def _apply(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def is_affine(
-    fn: Callable[[Tensor], Tensor],
+    module: nn.Module,
     input_shape: tuple[int, ...],
     *,
     dtype: torch.dtype,
     device: torch.device,
     generator: torch.Generator | None = None,
 ) -> bool:
-    """Whether `fn` is affine on inputs of `input_shape` (Note [Affinity probe])."""
+    """Whether `module` is affine on inputs of `input_shape` (Note [Affinity probe])."""
+    if not isinstance(module, AFFINE_MODULES):
+        return False
+    fn = module
     tol = _tolerance(dtype)
     zero = torch.zeros(input_shape, dtype=dtype, device=device)
     f0 = _apply(fn, zero)

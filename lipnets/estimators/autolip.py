@@ -7,10 +7,11 @@ known, and the spectral norm of each affine layer is computed by power
 iteration. lipnets runs that walk with the same graph composition as its sound
 bound ([`lipschitz_bound`][lipnets.bounds.lipschitz_bound]: products along
 chains, sums at additions, root of the sum of squares at concatenations) and
-changes one thing: every leaf module that is affine on its input shape (Note
-[Affinity probe]) gets a power-iteration estimate of the norm of its linear
-part instead of its sound bound. Leaves that are not affine (activations,
-max and norm pooling) keep their known constant, as in the paper.
+changes one thing: every leaf module of a type known to be affine, and found
+affine on its input shape (Note [Affinity probe]), gets a power-iteration
+estimate of the norm of its linear part instead of its sound bound. Leaves
+that are not affine (activations, max and norm pooling, custom modules) keep
+their known constant, as in the paper.
 
 The result is an **estimate**, not a bound: power iteration approaches each
 $\sigma_{\max}$ from below, so AutoLip can fall short of the sound composed
@@ -71,7 +72,8 @@ def autolip(
     orthogonal layers, eval-mode BatchNorm, average pooling) get
     [`power_iteration`][lipnets.estimators.power_iteration] on their linear
     part at the input shape they receive; other leaves (activations, max
-    pooling) get their known Lipschitz constant.
+    pooling, custom modules with a ``lipschitz_bound`` method) get their
+    known, sound constant.
 
     This is an **estimate built on power iteration**, as in the paper: each
     layer's norm is approached from below, so the value can be below a true
@@ -145,23 +147,24 @@ def _autolip(
         if not (_has_own_bound(module) or find_rule(module) is not None):
             return None  # not a leaf: the composition traces into it (or raises, naming it)
         s = tuple(leaf_shape)
-        value: Tensor | None
-        try:
-            with _eval_mode(module), parametrize.cached():
-                affine = (
-                    len(s) >= 2
-                    and s[0] == 1
-                    and is_affine(module, s, dtype=dtype, device=device, generator=generator)
-                )
-            if affine:
-                value = power_iteration(
-                    module, s, iters=iters, tol=tol, generator=generator, dtype=dtype, device=device
-                )
-        except RuntimeError as exc:  # the layer's own failure, e.g. a shape mismatch
-            raise ValueError(
-                f"{where} fails on inputs of shape {s}: {type(exc).__name__}: {exc}"
-            ) from exc
-        if not affine:
+        with _eval_mode(module), parametrize.cached():
+            try:  # the layer's own failure on this shape, e.g. a mismatch
+                with torch.no_grad():
+                    module(torch.zeros(s, dtype=dtype, device=device))
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"{where} fails on inputs of shape {s}: {type(exc).__name__}: {exc}"
+                ) from exc
+            affine = (
+                len(s) >= 2
+                and s[0] == 1
+                and is_affine(module, s, dtype=dtype, device=device, generator=generator)
+            )
+        if affine:
+            value = power_iteration(
+                module, s, iters=iters, tol=tol, generator=generator, dtype=dtype, device=device
+            )
+        else:
             value = _own_bound(module, leaf_shape, where)
         name = where.split(" (", 1)[0] if " (" in where else ""
         leaves.append(_Leaf(name, _kind(module), value, affine, s))

@@ -84,12 +84,20 @@ def _unit_slope(module: nn.Module) -> bool:
 
 
 def _flatten(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    if not isinstance(model, nn.Sequential):
+    """The elements a plain ``nn.Sequential`` runs, in order, nested ones expanded.
+
+    Only ``nn.Sequential`` itself is expanded (a subclass may override
+    ``forward``, e.g. with a skip connection); ``_modules`` is iterated rather
+    than ``named_children()``, which would skip a module used twice.
+    """
+    if type(model) is not nn.Sequential:
         return [("", model)]
     out: list[tuple[str, nn.Module]] = []
-    for name, child in model.named_children():
-        if isinstance(child, nn.Sequential):
-            out.extend((f"{name}.{sub}", m) for sub, m in _flatten(child))
+    for name, child in model._modules.items():
+        if child is None:
+            continue
+        if type(child) is nn.Sequential:
+            out.extend((f"{name}.{sub}" if sub else name, m) for sub, m in _flatten(child))
         else:
             out.append((name, child))
     return out
@@ -140,7 +148,8 @@ def _blocks(
         else:
             raise ValueError(
                 f"seqlip applies to sequential networks of affine layers and element-wise "
-                f"activations with derivatives in [0, 1]; {where} is neither (use autolip)"
+                f"activations with derivatives in [0, 1]; {where} is neither, or not one "
+                "lipnets knows to be affine (use autolip)"
             )
         if blocks and blocks[-1].linear == linear:
             blocks[-1].modules.append(module)
@@ -205,15 +214,17 @@ def seqlip(
 ) -> Tensor:
     r"""SeqLip estimate of the Lipschitz constant of a sequential network.
 
-    For an ``nn.Sequential`` (nested ones are flattened) of affine layers
-    (linear, convolution, eval-mode BatchNorm, flatten, lipnets' orthogonal
-    layers...) and element-wise activations whose derivatives lie in
-    $[0, 1]$ (ReLU, LeakyReLU with slope in $[0, 1]$, ReLU6, Hardtanh,
-    Sigmoid, Tanh, Hardsigmoid, Softsign, ELU/CELU with $\alpha \le 1$, PReLU
-    with weights in $[0, 1]$). Consecutive affine layers are merged into one
-    matrix (formed densely, float64), consecutive activations into one; an
-    activation before the first or after the last affine layer is dropped (it
-    cannot raise the constant). See the module docs for the formula and Note
+    For an ``nn.Sequential`` (nested plain ``nn.Sequential`` are flattened;
+    a subclass is one element) of affine layers of known types (linear,
+    convolution, eval-mode BatchNorm, average pooling, padding, flatten,
+    lipnets' orthogonal layers; Note [Affinity probe]) and element-wise
+    activations whose derivatives lie in $[0, 1]$ (ReLU, LeakyReLU with slope
+    in $[0, 1]$, ReLU6, Hardtanh, Sigmoid, Tanh, Hardsigmoid, Softsign,
+    ELU/CELU with $\alpha \le 1$, PReLU with weights in $[0, 1]$).
+    Consecutive affine layers are merged into one matrix (formed densely,
+    float64), consecutive activations into one; an activation before the
+    first or after the last affine layer is dropped (it cannot raise the
+    constant). See the module docs for the formula and Note
     [SeqLip maximisation].
 
     This is an **estimate built on SVDs and a combinatorial search**, as in
