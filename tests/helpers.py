@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+import lipnets
+
 
 def dense_jacobian(fn, x: torch.Tensor) -> torch.Tensor:
     """Jacobian of ``fn`` at ``x`` (one batch) as a (numel_out, numel_in) float64 matrix."""
@@ -23,6 +25,16 @@ def dense_jacobian(fn, x: torch.Tensor) -> torch.Tensor:
 
 def spectral_norm(matrix: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(matrix.double(), ord=2))
+
+
+def gnp_mlp(width: int = 16) -> nn.Sequential:
+    """A gradient-norm-preserving MLP: four square BjorckLinear layers, GroupSort(2) between."""
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers.append(lipnets.BjorckLinear(width, width))
+        if i < 3:
+            layers.append(lipnets.GroupSort(2))
+    return nn.Sequential(*layers)
 
 
 def as_float64(module: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ import lipnets
 from lipnets.errors import UnboundedModuleError
 from lipnets.estimators import autolip, jacobian_norm, lower_bound, seqlip
 
-from .helpers import as_float64, dense_jacobian, spectral_norm
+from .helpers import as_float64, dense_jacobian, gnp_mlp, spectral_norm
 
 F64 = torch.float64
 # Power iteration run to convergence (the defaults stop at a relative change of 1e-7);
@@ -288,15 +288,6 @@ def test_autolip_residual_is_composed_not_densified() -> None:
     assert value > _norm(torch.eye(6, dtype=F64) + w) * (1 + 1e-3)
 
 
-def _gnp(width: int = 16) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(4):
-        layers.append(lipnets.BjorckLinear(width, width))
-        if i < 3:
-            layers.append(lipnets.GroupSort(2))
-    return nn.Sequential(*layers)
-
-
 def _bjorck_rectangular() -> nn.Sequential:
     return nn.Sequential(
         lipnets.BjorckLinear(10, 32),
@@ -308,7 +299,7 @@ def _bjorck_rectangular() -> nn.Sequential:
 
 
 @pytest.mark.parametrize(
-    ("build", "shape"), [(_gnp, (1, 16)), (_bjorck_rectangular, (1, 10))], ids=["square", "rect"]
+    ("build", "shape"), [(gnp_mlp, (1, 16)), (_bjorck_rectangular, (1, 10))], ids=["square", "rect"]
 )
 def test_autolip_of_orthogonal_groupsort_stacks_is_one(build, shape) -> None:
     torch.manual_seed(16)

@@ -12,20 +12,11 @@ import lipnets
 from lipnets.estimators import autolip, jacobian_norm, seqlip
 from lipnets.estimators.lower import LowerBound, lower_bound
 
-from .helpers import as_float64, dense_jacobian, spectral_norm
+from .helpers import as_float64, dense_jacobian, gnp_mlp, spectral_norm
 
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _gnp(width: int = 16) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(4):
-        layers.append(lipnets.BjorckLinear(width, width))
-        if i < 3:
-            layers.append(lipnets.GroupSort(2))
-    return nn.Sequential(*layers)
 
 
 def _bjorck_net() -> nn.Sequential:
@@ -144,7 +135,7 @@ def test_pair_witness_when_the_jacobian_sees_nothing():
 
 def test_gradient_norm_preserving_net_is_tight():
     torch.manual_seed(1)
-    model = _gnp()
+    model = gnp_mlp()
     est = lower_bound(model, torch.randn(4, 16, generator=_gen(8)), steps=5, generator=_gen(9))
     bound = lipnets.lipschitz_bound(model, (1, 16))
     assert 0.99 * bound <= est.value <= bound
@@ -171,7 +162,7 @@ def test_gradient_norm_preserving_conv_net_is_tight():
 
 def test_float32_evaluation_of_the_model_itself():
     torch.manual_seed(2)
-    model = _gnp()
+    model = gnp_mlp()
     x = torch.randn(4, 16, generator=_gen(10))
     est = lower_bound(model, x, steps=5, dtype=None, generator=_gen(11))
     assert est.x.dtype == torch.float32 and est.value.dtype == torch.float64
