@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lipnets.bounds.compose import _compose, _unwrap
+from lipnets.bounds.compose import _compose, _kind, _unwrap
 from lipnets.estimators.autolip import _autolip
 from lipnets.estimators.lower import lower_bound
 from lipnets.estimators.power import _eval_mode
@@ -196,7 +196,7 @@ def report(
     finally:
         stages.close()
     return GuaranteeReport(
-        model=type(_unwrap(model)).__name__,
+        model=_kind(_unwrap(model)),
         input_shape=shape,
         layers=tuple(layers),
         bound=float(composition.bound),
