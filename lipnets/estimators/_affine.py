@@ -97,15 +97,14 @@ def is_affine(
     """Whether `module` is affine on inputs of `input_shape` (Note [Affinity probe])."""
     if not isinstance(module, AFFINE_MODULES):
         return False
-    fn = module
     tol = _tolerance(dtype)
     zero = torch.zeros(input_shape, dtype=dtype, device=device)
-    f0 = _apply(fn, zero)
+    f0 = _apply(module, zero)
     for i in range(_PROBES):
         scale = 10.0 ** (2 * (i % 2))  # probe at scales 1 and 100
         a = scale * torch.randn(input_shape, generator=generator, dtype=dtype, device=device)
         b = scale * torch.randn(input_shape, generator=generator, dtype=dtype, device=device)
-        fa, fb, fab, fna = (_apply(fn, t) for t in (a, b, a + b, -a))
+        fa, fb, fab, fna = (_apply(module, t) for t in (a, b, a + b, -a))
         if fa.shape != f0.shape:
             return False
         size = sum(float(torch.linalg.vector_norm(t)) for t in (fa, fb, fab, fna, f0))
