@@ -9,11 +9,24 @@ iterations or SVDs and a combinatorial search. Estimates check the sound bounds 
 `lipnets.bounds`; they never feed a certificate. `autolip` borrows the graph walk of
 `lipnets.bounds` (only the leaf values differ); nothing in `lipnets.bounds` or
 `lipnets.certify` imports this package.
+
+`pgd_l2` (in `attack`) is an estimate of another kind: an $\\ell_2$ projected-gradient
+attack that searches each input's ball for the lowest classification margin, to falsify
+certified radii (a negative margin is a witness); it never proves robustness.
 """
 
+from lipnets.estimators.attack import pgd_l2
 from lipnets.estimators.autolip import autolip
 from lipnets.estimators.lower import LowerBound, lower_bound
 from lipnets.estimators.power import jacobian_norm, power_iteration
 from lipnets.estimators.seqlip import seqlip
 
-__all__ = ["LowerBound", "autolip", "jacobian_norm", "lower_bound", "power_iteration", "seqlip"]
+__all__ = [
+    "LowerBound",
+    "autolip",
+    "jacobian_norm",
+    "lower_bound",
+    "pgd_l2",
+    "power_iteration",
+    "seqlip",
+]

@@ -18,32 +18,18 @@ the rounding of one evaluation of the map.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lipnets._modes import eval_mode as _eval_mode
+
 __all__ = ["jacobian_norm", "power_iteration"]
 
 _DENSE_LIMIT = 2**22
-
-
-@contextlib.contextmanager
-def _eval_mode(op: object) -> Iterator[None]:
-    """Put a module (and its submodules) in eval mode; restore each flag on exit."""
-    if not isinstance(op, nn.Module):
-        yield
-        return
-    modes = [(module, module.training) for module in op.modules()]
-    op.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _check_count(name: str, value: object, minimum: int) -> None:
