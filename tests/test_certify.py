@@ -284,11 +284,12 @@ def test_pgd_never_breaks_a_certified_point_on_digits(digits_model):
     with torch.no_grad():
         adv_margin = margin(model(adv), yc)
     assert bool((adv_margin > 0).all()), "an attack broke a certified point"
-    # the attack is not a no-op: at 4x the radius it breaks a good share of these points
-    far = pgd_l2(model, xc, yc, 4 * rc, steps=50, restarts=1, generator=gen)
+    # the certificates are nearly tight and the attack is not a no-op: at twice the
+    # radius it breaks almost every one of these points (measured: all of them)
+    far = pgd_l2(model, xc, yc, 2 * rc, steps=50, restarts=1, generator=gen)
     with torch.no_grad():
         broken = margin(model(far), yc) <= 0
-    assert float(broken.double().mean()) > 0.3
+    assert float(broken.double().mean()) > 0.9
 
 
 def test_random_sampling_in_certified_balls_agrees(digits_model):
