@@ -312,3 +312,18 @@ def test_random_sampling_in_certified_balls_agrees(digits_model):
         corners = torch.randint(0, 2, xc.shape, generator=gen).double() * 2 - 1
         with torch.no_grad():
             assert bool((margin(model(xc + corners * lc[:, None]), yc) > 0).all())
+
+
+def test_certified_accuracy_bounds_each_input_size_separately():
+    # a circular convolution's norm depends on the input size: each size gets its own bound
+    torch.manual_seed(4)
+    conv = nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular", bias=False)
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    small, large = torch.randn(16, 1, 4, 4), torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        ys, yl = model(small).argmax(1), model(large).argmax(1)
+    eps = [0.0, 0.02, 0.05]
+    one = certified_accuracy(model, small, ys, eps)
+    two = certified_accuracy(model, large, yl, eps)
+    both = certified_accuracy(model, [(small, ys), (large, yl)], eps=eps)
+    assert both == pytest.approx({e: (one[e] + two[e]) / 2 for e in eps})

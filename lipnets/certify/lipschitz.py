@@ -375,14 +375,15 @@ def certified_accuracy(
     bar = _progress_bar(progress, inputs, batch_size)
     counts = [0] * len(radii)
     total = 0
-    bound = None
+    given = None
+    bounds: dict[tuple[int, ...], Tensor] = {}
     if lipschitz is not None:
         if isinstance(lipschitz, Tensor) and lipschitz.numel() != 1:
             raise ValueError(
                 "certified_accuracy takes one Lipschitz bound for the model, "
                 f"got a tensor of shape {tuple(lipschitz.shape)}"
             )
-        bound = _check_lipschitz(
+        given = _check_lipschitz(
             lipschitz.reshape(()) if isinstance(lipschitz, Tensor) else lipschitz, 1
         )
     with eval_mode(core), torch.no_grad():
@@ -391,10 +392,15 @@ def certified_accuracy(
                 raise TypeError(f"inputs must be tensors, got {type(x).__name__}")
             if device is not None:
                 x = x.to(device)
-            if bound is None:
+            if given is None:
+                # A bound may depend on the input size (convolutions): one per sample shape.
                 shape = (1, *x.shape[1:])
-                bounded = core[:-1] if mode == "last_layer" else core
-                bound = lipschitz_bound(bounded, input_shape=shape)
+                if shape not in bounds:
+                    bounded = core[:-1] if mode == "last_layer" else core
+                    bounds[shape] = lipschitz_bound(bounded, input_shape=shape)
+                bound = bounds[shape]
+            else:
+                bound = given
             r = certified_radius(
                 model(x),
                 y,
