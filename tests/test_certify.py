@@ -322,8 +322,11 @@ def test_certified_accuracy_bounds_each_input_size_separately():
     small, large = torch.randn(16, 1, 4, 4), torch.randn(16, 1, 8, 8)
     with torch.no_grad():
         ys, yl = model(small).argmax(1), model(large).argmax(1)
-    eps = [0.0, 0.02, 0.05]
+    eps = [0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
     one = certified_accuracy(model, small, ys, eps)
     two = certified_accuracy(model, large, yl, eps)
     both = certified_accuracy(model, [(small, ys), (large, yl)], eps=eps)
     assert both == pytest.approx({e: (one[e] + two[e]) / 2 for e in eps})
+    # the check is sensitive: the 4x4 bound on the 8x8 inputs gives other numbers
+    bound_4 = lipnets.lipschitz_bound(model, input_shape=(1, 1, 4, 4))
+    assert certified_accuracy(model, large, yl, eps, lipschitz=bound_4) != two
