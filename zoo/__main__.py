@@ -1,19 +1,42 @@
-"""``python -m zoo demo``: build a small residual GroupSort network, print its sound bound.
+"""``python -m zoo``: train, evaluate and certify 1-Lipschitz models; Wasserstein critics.
 
-This is the interim main job until the zoo's training CLI lands. The sampled
-slope it prints is an *estimate* (a lower bound found on random pairs), shown
-next to the sound bound to illustrate the gap; it never certifies anything.
+Commands:
+
+- ``list``: the models and their options, the datasets, the 2-D
+  distributions and the shipped checkpoints.
+- ``train MODEL``: train on a dataset (``--data digits`` by default, no
+  download), then write a run folder under ``--out`` (default ``runs/``):
+  ``model.safetensors``, ``card.json`` and ``certified.png``. Under
+  ``torchrun --nproc_per_node=N -m zoo train ...`` it runs PyTorch DDP.
+- ``eval RUN_OR_CHECKPOINT``: recompute a card's numbers from its checkpoint
+  on the same test set and say whether they are reproduced.
+- ``certify RUN_OR_CHECKPOINT``: certified accuracy at any radii, the sound
+  bound, and optionally a PGD attack that tries to break the certificates.
+- ``wasserstein``: train a critic between two 2-D distributions, print its W1
+  estimate next to POT's exact W1 of the same samples.
+- ``demo``: build a small residual GroupSort network and print its sound bound.
+
+Every certified number comes from `lipnets.lipschitz_bound`, computed from the
+weights the model has, never from an assumed 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
 import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 import lipnets
+
+# ---------------------------------------------------------------- demo
 
 
 class ResidualBlock(nn.Module):
@@ -28,6 +51,7 @@ class ResidualBlock(nn.Module):
 
 
 def demo(width: int, seed: int) -> None:
+    """Print a small residual network's sound bound next to a sampled slope (an estimate)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(64, width), lipnets.MaxMin(), ResidualBlock(width), nn.Linear(width, 10)
@@ -43,17 +67,475 @@ def demo(width: int, seed: int) -> None:
     print(f"largest slope on 4096 random pairs (an estimate, not a bound): {float(slope):.6f}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zoo", description=__doc__.splitlines()[0])
+# ---------------------------------------------------------------- helpers
+
+
+def _command(argv: list[str], world_size: int) -> str:
+    launcher = "python -m zoo"
+    if world_size > 1:
+        launcher = f"torchrun --nproc_per_node={world_size} -m zoo"
+    return f"{launcher} {shlex.join(argv)}"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _print_evaluation(ev: Any, *, header: str) -> None:
+    print(header)
+    print(f"  clean accuracy          {_percent(ev.clean_accuracy)}")
+    radii = "  ".join(f"eps={e:g}: {_percent(a)}" for e, a in ev.certified_accuracy.items())
+    print(f"  certified accuracy (l2) {radii}")
+    print(f"  sound Lipschitz bound   {ev.lipschitz_bound:.7f}  (lipnets.lipschitz_bound)")
+    if ev.lower_bound is not None:
+        print(
+            f"  lower bound (estimate)  {ev.lower_bound:.7f}  "
+            "(lipnets.estimators.lower_bound, near test points)"
+        )
+
+
+def _eps_list(values: list[float] | None, default: tuple[float, ...]) -> list[float]:
+    """The radii to certify, rounded as the card writes them (so ``eval`` uses the same)."""
+    from zoo.errors import ZooError
+    from zoo.train import eps_key
+
+    eps = list(default if values is None else values)
+    for e in eps:
+        if not math.isfinite(e) or e < 0:
+            raise ZooError(f"--eps takes radii >= 0, got {e}")
+    return [float(eps_key(e)) for e in eps]
+
+
+# ---------------------------------------------------------------- list
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from zoo import cards, data, models, train
+
+    print("models (python -m zoo train MODEL -o KEY=VALUE ...):")
+    for spec in models.MODELS.values():
+        options = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        print(f"  {spec.name:14s} {spec.summary}")
+        print(f"  {'':14s} options: {options}")
+        if spec.kind == "classifier":
+            c = train.default_config(spec.name)
+            print(
+                f"  {'':14s} training: --epochs {c.epochs} --batch-size {c.batch_size} "
+                f"--lr {c.lr:g} --loss {c.loss} --margin {c.margin:g}"
+            )
+    print("datasets (--data NAME):")
+    for spec in data.DATASETS.values():
+        print(f"  {spec.name:14s} {spec.summary}")
+    print("2-D distributions (python -m zoo wasserstein --p NAME --q NAME):")
+    for name, (summary, _) in data.DISTRIBUTIONS.items():
+        print(f"  {name:14s} {summary}")
+    print("shipped checkpoints (python -m zoo eval NAME):")
+    for name in cards.pretrained() or ["(none)"]:
+        print(f"  {name}")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from zoo import cards, data, models, train
+    from zoo.errors import ZooError
+
+    spec = models.get(args.model)
+    if spec.kind == "critic":
+        raise ZooError(
+            f"{args.model} is a Wasserstein critic: it is trained between two 2-D "
+            "distributions by `python -m zoo wasserstein` (see --p, --q), not on --data"
+        )
+    data.get(args.data)  # an unknown name fails before anything starts
+    options = models.parse_options(args.option)
+    spec.options(options)  # unknown options fail before data are loaded
+    config = train.default_config(
+        args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        schedule=args.schedule,
+        loss=args.loss,
+        margin=args.margin,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
+    eps = _eps_list(args.eps, data.get(args.data).default_eps)
+    ddp = train.Distributed.from_env()
+    device = ddp.device(args.device)
+    ddp.init(device)
+    try:
+        split = data.load(args.data, root=args.data_root, download=args.download, seed=0)
+        info = split.info
+        torch.manual_seed(config.seed)
+        model = models.build(
+            args.model, input_shape=info.input_shape, num_outputs=info.num_classes, **options
+        )
+        progress = not args.no_progress and ddp.main
+        if ddp.main:
+            print(
+                f"training {args.model} on {args.data} ({info.train_size} train / "
+                f"{info.test_size} test) for {config.epochs} epochs, {ddp.world_size} "
+                f"process(es) on {device.type}"
+            )
+        start = time.perf_counter()
+        history = train.fit(
+            model,
+            split.train,
+            config,
+            distributed=ddp,
+            device=device,
+            max_steps=args.max_steps,
+            progress=progress,
+        )
+        train.check_finite(history)
+        if ddp.main:
+            search = train.LOWER_BOUND[args.model]
+            evaluation = train.evaluate(
+                model, split.test, eps, device=device, lower=search, progress=progress
+            )
+            name = args.name or f"{args.model}-{args.data}-{datetime.now():%Y%m%d-%H%M%S}"
+            folder = Path(args.out) / name
+            arch = cards.architecture(args.model, options, info.input_shape, info.num_classes)
+            train.write_run(
+                folder,
+                model,
+                arch,
+                info,
+                evaluation,
+                training={
+                    **train.config_dict(config),
+                    "processes": ddp.world_size,
+                    "device": device.type,
+                    "steps": history.steps,
+                    "final_loss": history.losses[-1] if history.losses else None,
+                    "train_seconds": round(history.seconds, 2),
+                },
+                lower_bound_search=search,
+                command=_command(argv, ddp.world_size),
+            )
+            total = time.perf_counter() - start
+            _print_evaluation(
+                evaluation,
+                header=f"{args.model} on {args.data} held-out test set ({info.test_size} samples), "
+                f"trained in {history.seconds:.1f} s ({history.steps} steps), "
+                f"{total:.1f} s with evaluation:",
+            )
+            print(f"  run folder              {folder}")
+        ddp.barrier()
+    finally:
+        ddp.close()
+    return 0
+
+
+# ---------------------------------------------------------------- eval / certify
+
+
+#: How close a recomputed number must be to the card's (see `cmd_eval`).
+#: Accuracies are counts over the same test set and must be equal; the bound is
+#: recomputed in float64 from float32 weights (other hardware may round the last
+#: bits differently); the lower bound is a seeded search, an estimate whose path
+#: may drift with rounding.
+TOLERANCE = {"accuracy": 0.0, "lipschitz_bound": 1e-6, "lower_bound": 1e-2}
+
+
+def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None, Any]:
+    """The model, its card (or None) and the test split it was evaluated on."""
+    from zoo import cards, data
+    from zoo.errors import ZooError
+
+    checkpoint, card = cards.find_run(args.run)
+    if card is not None and _kind(card["model"]) == "critic":
+        raise ZooError(
+            f"{args.run} is a Wasserstein critic: its numbers come from "
+            "`python -m zoo wasserstein`, not from a labelled test set"
+        )
+    expected = None
+    if card is not None:
+        expected = cards.Architecture(
+            model=card["model"],
+            options=card.get("options", {}),
+            input_shape=card["data"].get("input_shape", []),
+            num_outputs=card["data"].get("num_classes", 1),
+        )
+    model, arch = cards.load_model(checkpoint, expected, device=args.device_)
+    if _kind(arch["model"]) == "critic":
+        raise ZooError(
+            f"{args.run} holds a Wasserstein critic: its numbers come from "
+            "`python -m zoo wasserstein`, not from a labelled test set"
+        )
+    data_name = getattr(args, "data", None) or (card["data"]["name"] if card else None)
+    if data_name is None:
+        raise ZooError(f"{checkpoint} has no card next to it: pass --data NAME")
+    seed = card["data"].get("seed") if card else None
+    fraction = card["data"].get("test_fraction") if card else None
+    split = data.load(
+        data_name,
+        root=args.data_root,
+        download=args.download,
+        seed=0 if seed is None else seed,
+        test_fraction=0.25 if fraction is None else fraction,
+    )
+    if tuple(split.info.input_shape) != tuple(arch["input_shape"]):
+        raise ZooError(
+            f"the checkpoint takes inputs of shape {tuple(arch['input_shape'])} but {data_name} "
+            f"has {tuple(split.info.input_shape)}"
+        )
+    return model, card, split
+
+
+def _kind(name: str) -> str:
+    """``"classifier"`` or ``"critic"``: the kind of the registered model ``name``."""
+    from zoo import models
+
+    return models.get(name).kind
+
+
+def _close(card_value: float | None, value: float | None, rel: float) -> bool:
+    if card_value is None or value is None:
+        return card_value is None and value is None
+    if rel == 0.0:
+        return card_value == value
+    return abs(card_value - value) <= rel * max(abs(card_value), 1e-12)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from zoo import cards, train
+    from zoo.errors import ZooError
+
+    model, card, split = _load_for_eval(args)
+    if card is None:
+        raise ZooError(f"{args.run} has no card to reproduce: use `python -m zoo certify`")
+    missing = [key for key in cards.CLASSIFIER_KEYS if key not in card]
+    if missing:
+        raise ZooError(f"the card of {args.run} has no {missing[0]!r}: nothing to reproduce")
+    eps = [float(k) for k in card["certified_accuracy"]]
+    lower = card.get("lower_bound_search") if card.get("lower_bound") is not None else None
+    ev = train.evaluate(
+        model, split.test, eps, device=args.device_, lower=lower, progress=not args.no_progress
+    )
+    rows = [("clean_accuracy", card["clean_accuracy"], ev.clean_accuracy, TOLERANCE["accuracy"])]
+    for key, value in card["certified_accuracy"].items():
+        now = ev.certified_accuracy[float(key)]
+        rows.append((f"certified_accuracy[{key}]", value, now, TOLERANCE["accuracy"]))
+    rows.append(
+        (
+            "lipschitz_bound",
+            card["lipschitz_bound"],
+            ev.lipschitz_bound,
+            TOLERANCE["lipschitz_bound"],
+        )
+    )
+    if lower is not None:
+        rows.append(("lower_bound", card["lower_bound"], ev.lower_bound, TOLERANCE["lower_bound"]))
+    print(f"{card['model']} on {card['data']['name']} ({split.info.test_size} test samples)")
+    print(f"  {'number':28s} {'card':>12s} {'now':>12s}  tolerance")
+    ok_all = True
+    for name, was, now, rel in rows:
+        ok = _close(was, now, rel)
+        ok_all &= ok
+        tol = "exact" if rel == 0 else f"rel {rel:g}"
+        print(f"  {name:28s} {was:12.7f} {now:12.7f}  {tol:10s} {'ok' if ok else 'DIFFERENT'}")
+    print("reproduced: yes" if ok_all else "reproduced: NO")
+    return 0 if ok_all else 1
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    from zoo import data, train
+
+    model, _, split = _load_for_eval(args)
+    data_name = split.info.name
+    eps = _eps_list(args.eps, data.get(data_name).default_eps)
+    ev = train.evaluate(
+        model, split.test, eps, device=args.device_, lower=None, progress=not args.no_progress
+    )
+    _print_evaluation(
+        ev, header=f"{args.run} on {data_name} ({split.info.test_size} test samples):"
+    )
+    if args.attack:
+        from lipnets.estimators import pgd_l2
+
+        x, y = train.tensors_of(split.test)
+        x, y = x[: args.attack].to(args.device_), y[: args.attack]
+        radii = ev.radii[: args.attack]
+        print(f"  PGD-l2 attack on the first {x.shape[0]} test samples (an estimate, not a bound):")
+        generator = torch.Generator().manual_seed(0)
+        for e in eps:
+            adv = pgd_l2(model, x, y, e, steps=50, restarts=2, generator=generator)
+            with torch.no_grad():
+                robust = model(adv).argmax(dim=1).cpu() == y
+            certified = radii > e
+            broken = int((certified & ~robust).sum())
+            print(
+                f"    eps={e:g}: robust under attack {_percent(float(robust.double().mean()))} "
+                f">= certified {_percent(float(certified.double().mean()))}; "
+                f"certified points broken: {broken}"
+            )
+            if broken:
+                print("    a certified point was broken: the bound is not sound, please report")
+                return 1
+    return 0
+
+
+# ---------------------------------------------------------------- wasserstein
+
+
+def cmd_wasserstein(args: argparse.Namespace, argv: list[str]) -> int:
+    from zoo import data, models, wasserstein
+
+    options = models.parse_options(args.option)
+    models.get("critic").options(options)
+    for name in (args.p, args.q):
+        if name not in data.DISTRIBUTIONS:
+            data.sample(name, 1)  # raises the error listing the valid names
+    config = wasserstein.CriticConfig(
+        p=args.p, q=args.q, samples=args.samples, steps=args.steps, lr=args.lr, seed=args.seed
+    )
+    print(f"critic between {args.p} (P) and {args.q} (Q), {args.samples} samples each")
+    critic, x_p, x_q, result = wasserstein.train_critic(
+        config, options, progress=not args.no_progress
+    )
+    print(
+        f"  W1 estimate (critic)     {result.estimate:.6f}  (lipnets.losses.wasserstein_estimate)"
+    )
+    print(f"  exact W1 (POT ot.emd2)   {result.exact:.6f}")
+    print(f"  relative gap             {100 * result.relative_gap:.3f}%")
+    print(f"  median gradient norm     {result.median_gradient_norm:.4f}  (critic on the data)")
+    print(f"  sound Lipschitz bound    {result.lipschitz_bound:.7f}")
+    print(f"  trained in               {result.seconds:.1f} s ({config.steps} full-batch steps)")
+    name = args.name or f"critic-{args.p}-{args.q}-{datetime.now():%Y%m%d-%H%M%S}"
+    folder = Path(args.out) / name
+    wasserstein.write_run(
+        folder, critic, x_p, x_q, config, result, options=options, command=_command(argv, 1)
+    )
+    print(f"  run folder               {folder}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, with_name: bool) -> None:
+    if with_name:
+        p.add_argument("--data", default="digits", help="dataset name (default: digits)")
+    p.add_argument("--data-root", default="data", help="torchvision root (default: data)")
+    p.add_argument(
+        "--download", action="store_true", help="let torchvision download a missing dataset"
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m zoo",
+        description="Train, evaluate and certify 1-Lipschitz models; Wasserstein critics.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `python -m zoo list` for the models, datasets and shipped checkpoints.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("demo", help="build a small network and print its sound bound")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("list", help="models, datasets, distributions, shipped checkpoints")
+
+    p = sub.add_parser("train", help="train a model and write a run folder with its card")
+    p.add_argument("model", help="a model name (python -m zoo list)")
+    _add_data_args(p, with_name=True)
+    p.add_argument("--epochs", type=int, help="default: the model's (python -m zoo list)")
+    p.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--schedule", choices=("cosine", "constant"))
+    p.add_argument("--loss", choices=("hinge", "hkr", "ce"))
+    p.add_argument("--margin", type=float, help="hinge/HKR margin, or cross-entropy offset")
+    p.add_argument("--alpha", type=float, help="HKR hinge weight")
+    p.add_argument("--temperature", type=float, help="cross-entropy temperature")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument(
+        "-o", "--option", action="append", metavar="KEY=VALUE", help="a model option (repeatable)"
+    )
+    p.add_argument("--eps", type=float, nargs="+", help="l2 radii to certify in the card")
+    p.add_argument("--out", default="runs", help="parent folder of the run (default: runs)")
+    p.add_argument("--name", help="run folder name (default: MODEL-DATA-TIMESTAMP)")
+
+    p = sub.add_parser("eval", help="recompute a card's numbers from its checkpoint")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, card, checkpoint or name")
+    _add_data_args(p, with_name=False)
+
+    p = sub.add_parser("certify", help="certified accuracy at any radii, optional PGD check")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, card, checkpoint or name")
+    _add_data_args(p, with_name=False)
+    p.add_argument("--data", help="dataset (default: the card's)")
+    p.add_argument("--eps", type=float, nargs="+", help="l2 radii (default: the dataset's)")
+    p.add_argument(
+        "--attack",
+        type=int,
+        nargs="?",
+        const=200,
+        default=0,
+        metavar="N",
+        help="run PGD-l2 on the first N test samples (default 200) against the certificates",
+    )
+
+    p = sub.add_parser(
+        "wasserstein",
+        help="train a critic between two 2-D distributions",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from zoo.wasserstein import CriticConfig
+
+    critic = CriticConfig()
+    p.add_argument("--p", default=critic.p, help="distribution P, scored high")
+    p.add_argument("--q", default=critic.q, help="distribution Q, scored low")
+    p.add_argument("--samples", type=int, default=critic.samples, help="samples of each")
+    p.add_argument("--steps", type=int, default=critic.steps, help="full-batch Adam steps")
+    p.add_argument("--lr", type=float, default=critic.lr, help="peak learning rate (cosine)")
+    p.add_argument("--seed", type=int, default=critic.seed, help="seed of samples and critic")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="critic option")
+    p.add_argument(
+        "--out", default="runs", help="parent of the run folder: checkpoint, card, contour plot"
+    )
+    p.add_argument("--name", help="run folder name")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from zoo.errors import ZooError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.width < 2 or args.width % 2:
-        parser.error(f"--width must be an even number >= 2, got {args.width}")
-    demo(args.width, args.seed)
-    return 0
+    try:
+        if args.command == "demo":
+            if args.width < 2 or args.width % 2:
+                parser.error(f"--width must be an even number >= 2, got {args.width}")
+            demo(args.width, args.seed)
+            return 0
+        if args.command == "list":
+            return cmd_list(args)
+        if args.command == "train":
+            return cmd_train(args, argv)
+        if args.command in ("eval", "certify"):
+            from zoo.train import Distributed
+
+            args.device_ = Distributed().device(args.device)
+            return cmd_eval(args) if args.command == "eval" else cmd_certify(args)
+        if args.command == "wasserstein":
+            return cmd_wasserstein(args, argv)
+    except ZooError as error:
+        print(f"python -m zoo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")  # argparse has refused it already
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""PNG plots of a run: certified accuracy against the radius, a critic's contours."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["certified_curve", "critic_contour"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def certified_curve(
+    path: str | Path,
+    radii: Tensor,
+    marks: Mapping[float, float],
+    *,
+    title: str,
+    bound: float,
+) -> Path:
+    """Plot the share of test samples whose certified radius exceeds each eps.
+
+    Args:
+        path: the PNG to write.
+        radii: the certified radius of every test sample.
+        marks: ``{eps: accuracy}`` points to mark (the card's numbers).
+        title: the figure title.
+        bound: the sound Lipschitz bound the radii come from (shown in the legend).
+    """
+    plt = _pyplot()
+    radii = radii.detach().double().cpu()
+    top = max(float(radii.max()), max(marks, default=0.0)) * 1.05 or 1.0
+    grid = torch.linspace(0.0, top, 400, dtype=torch.float64)
+    curve = (radii[None, :] > grid[:, None]).double().mean(dim=1)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(grid.numpy(), 100 * curve.numpy(), label=f"certified (sound bound L = {bound:.6f})")
+    if marks:
+        ax.scatter(
+            list(marks), [100 * a for a in marks.values()], color="C3", zorder=3, label="card"
+        )
+        for eps, acc in marks.items():
+            ax.annotate(f"{100 * acc:.1f}%", (eps, 100 * acc), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)  # fmt: skip
+    ax.set_xlabel("l2 radius eps")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(0, top)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def critic_contour(
+    path: str | Path,
+    critic: nn.Module,
+    x_p: Tensor,
+    x_q: Tensor,
+    *,
+    title: str,
+    labels: tuple[str, str] = ("P", "Q"),
+    resolution: int = 200,
+) -> Path:
+    """Contour plot of a 2-D critic over a box around the two samples, with the samples on top."""
+    plt = _pyplot()
+    both = torch.cat([x_p, x_q]).detach().cpu().double()
+    low, high = both.min(dim=0).values, both.max(dim=0).values
+    pad = 0.15 * (high - low)
+    low, high = low - pad, high + pad
+    gx = torch.linspace(float(low[0]), float(high[0]), resolution)
+    gy = torch.linspace(float(low[1]), float(high[1]), resolution)
+    mesh_x, mesh_y = torch.meshgrid(gx, gy, indexing="xy")
+    grid = torch.stack([mesh_x.reshape(-1), mesh_y.reshape(-1)], dim=1)
+    device = next(critic.parameters()).device
+    was_training = critic.training
+    critic.eval()
+    with torch.no_grad():
+        values = critic(grid.to(device)).reshape(resolution, resolution).cpu()
+    critic.train(was_training)
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    filled = ax.contourf(mesh_x.numpy(), mesh_y.numpy(), values.numpy(), levels=30, cmap="RdBu_r")
+    ax.contour(mesh_x.numpy(), mesh_y.numpy(), values.numpy(), levels=15, colors="k",
+               linewidths=0.3, alpha=0.5)  # fmt: skip
+    fig.colorbar(filled, ax=ax, label="critic")
+    step = max(1, x_p.shape[0] // 500)
+    ax.scatter(*x_p[::step].cpu().T.numpy(), s=3, c="C3", label=labels[0])
+    ax.scatter(*x_q[::step].cpu().T.numpy(), s=3, c="C0", label=labels[1])
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper right", markerscale=3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
