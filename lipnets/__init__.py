@@ -16,6 +16,7 @@ from lipnets import (
     losses,
     nn,
     parametrizations,
+    propagation,
     reporting,
 )
 from lipnets._version import __version__
@@ -33,13 +34,20 @@ from lipnets.nn import (
     L2NormPool2d,
     MaxMin,
 )
-from lipnets.reporting import GuaranteeReport, LayerReport, report
+from lipnets.reporting import (
+    CertificationReport,
+    GuaranteeReport,
+    LayerReport,
+    certification_report,
+    report,
+)
 
 __all__ = [
     "BCOPConv2d",
     "BjorckLinear",
     "CayleyConv2d",
     "CayleyLinear",
+    "CertificationReport",
     "FullSort",
     "GroupSort",
     "GuaranteeReport",
@@ -52,6 +60,7 @@ __all__ = [
     "UntraceableModelError",
     "__version__",
     "bounds",
+    "certification_report",
     "certify",
     "errors",
     "estimators",
@@ -61,6 +70,7 @@ __all__ = [
     "losses",
     "nn",
     "parametrizations",
+    "propagation",
     "register_bound",
     "reporting",
     "report",

@@ -263,6 +263,19 @@ def _check_hooks(model: nn.Module) -> None:
 def _require_shapes_for_python_mutation(traced: list[nn.Module]) -> None:
     """Without input_shape the graph cannot be checked against eager mode, so
     refuse forwards whose Python code fx may not record (Note [Graph faithfulness])."""
+    found = _python_mutation(traced)
+    if found is not None:
+        module, construct = found
+        raise ShapeRequiredError(
+            f"{type(module).__name__}.forward uses {construct}, which torch.fx may record "
+            "differently from what eager mode does (in-place updates, attribute writes); pass "
+            "input_shape so that lipnets checks the traced graph against eager mode"
+        )
+
+
+def _python_mutation(traced: list[nn.Module]) -> tuple[nn.Module, str] | None:
+    """The first traced module whose forward uses augmented assignment or writes an
+    attribute or item (what torch.fx may record differently), with the construct."""
     for module in traced:
         try:
             tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
@@ -284,11 +297,8 @@ def _require_shapes_for_python_mutation(traced: list[nn.Module]) -> None:
             if not found:
                 continue
             construct = f"`{ast.unparse(found[0])}`"
-        raise ShapeRequiredError(
-            f"{type(module).__name__}.forward uses {construct}, which torch.fx may record "
-            "differently from what eager mode does (in-place updates, attribute writes); pass "
-            "input_shape so that lipnets checks the traced graph against eager mode"
-        )
+        return module, construct
+    return None
 
 
 # ---------------------------------------------------------------------------

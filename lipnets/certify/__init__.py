@@ -1,10 +1,13 @@
-"""Certified robustness from sound bounds: radii and certified accuracy.
+"""Certified robustness from sound bounds: radii, certified accuracy, CROWN certificates.
 
-A certificate here is only ever derived from a *bound* (a sound upper bound on a
-Lipschitz constant, from `lipnets.bounds`), never from an estimate and never from
-an assumed constant. See Note [Certified radius] in `lipnets.certify.lipschitz`.
+A certificate here is only ever derived from a *bound*: a sound upper bound on a
+Lipschitz constant (from `lipnets.bounds`; Note [Certified radius] in
+`lipnets.certify.lipschitz`) or sound lower bounds of the margins over a ball (from
+`lipnets.propagation`; Note [CROWN certificates] in `lipnets.certify.crown`), never
+from an estimate and never from an assumed constant.
 """
 
+from lipnets.certify.crown import certify_crown
 from lipnets.certify.lipschitz import certified_accuracy, certified_radius
 
-__all__ = ["certified_accuracy", "certified_radius"]
+__all__ = ["certified_accuracy", "certified_radius", "certify_crown"]

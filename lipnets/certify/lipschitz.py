@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from lipnets._modes import eval_mode
+from lipnets._progress import progress_bar
 from lipnets.bounds.compose import _unwrap, lipschitz_bound
 from lipnets.functional.margins import _check_scores, class_indices, is_binary, margin
 
@@ -372,7 +373,7 @@ def certified_accuracy(
         last_layer = core[-1]
     device = _device(core)
     batches = _batches(inputs, labels, batch_size)
-    bar = _progress_bar(progress, inputs, batch_size)
+    bar = progress_bar(progress, _batch_count(inputs, batch_size), "certified_accuracy")
     counts = [0] * len(radii)
     total = 0
     given = None
@@ -422,15 +423,7 @@ def certified_accuracy(
     return {radius: count / total for radius, count in zip(radii, counts, strict=True)}
 
 
-def _progress_bar(progress: bool, inputs: Any, batch_size: int) -> Any:
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("progress=True needs tqdm: pip install tqdm") from exc
+def _batch_count(inputs: Any, batch_size: int) -> int | None:
     if isinstance(inputs, Tensor):
-        total = math.ceil(inputs.shape[0] / batch_size)
-    else:
-        total = len(inputs) if hasattr(inputs, "__len__") else None
-    return tqdm(total=total, desc="certified_accuracy")
+        return math.ceil(inputs.shape[0] / batch_size)
+    return len(inputs) if hasattr(inputs, "__len__") else None

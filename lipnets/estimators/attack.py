@@ -91,6 +91,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lipnets._modes import eval_mode
+from lipnets._progress import progress_bar
 from lipnets.functional.margins import class_indices, is_binary, margin
 
 __all__ = ["pgd_l2"]
@@ -207,7 +208,7 @@ def pgd_l2(
     eta0 = _check_step_size(step_size)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
-    bar = _progress_bar(progress, restarts)
+    bar = progress_bar(progress, restarts, "pgd_l2")
 
     try:
         with eval_mode(model), parametrize.cached():
@@ -450,16 +451,6 @@ def _check_step_size(step_size: object) -> float:
     ):
         raise ValueError(f"step_size must be a finite number > 0 or None, got {step_size!r}")
     return float(step_size)
-
-
-def _progress_bar(progress: bool, total: int):
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("progress=True needs tqdm: pip install tqdm") from exc
-    return tqdm(total=total, desc="pgd_l2")
 
 
 def _rows(values: Tensor, like: Tensor) -> Tensor:

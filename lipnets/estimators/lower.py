@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 # Plain-torch utility (imports torch only); not a bound.
+from lipnets._progress import progress_bar
 from lipnets.export import _freeze_parametrizations
 
 __all__ = ["LowerBound", "lower_bound"]
@@ -137,7 +138,7 @@ def lower_bound(
         (True, (1, 8))
     """
     _check_args(model, x, steps, lr, restarts, power_iterations, dtype)
-    bar = _progress_bar(progress, total=2 * steps)
+    bar = progress_bar(progress, 2 * steps, "lower_bound")
     saved_modes = []
     if dtype is None:
         fn: Callable[[Tensor], Tensor] = model
@@ -199,16 +200,6 @@ def _check_args(model, x, steps, lr, restarts, power_iterations, dtype) -> None:
         raise ValueError(f"lr must be a finite float > 0, got {lr!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-
-
-def _progress_bar(progress: bool, total: int):
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("progress=True needs tqdm: pip install tqdm") from exc
-    return tqdm(total=total, desc="lower_bound")
 
 
 def _float64_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
