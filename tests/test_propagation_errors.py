@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipnets
+from lipnets.certify import certify_crown
 from lipnets.errors import UnboundedModuleError, UntraceableModelError
 from lipnets.propagation import crown_bounds, interval_bounds, local_lipschitz
 
@@ -323,3 +325,124 @@ def test_a_whole_model_that_is_one_torch_module() -> None:
     wrapped = crown_bounds(nn.Sequential(conv), x, 0.1, norm=2)
     torch.testing.assert_close(bare.lower, wrapped.lower, rtol=0, atol=0)
     torch.testing.assert_close(bare.upper, wrapped.upper, rtol=0, atol=0)
+
+
+# A second review went around the first fixes; the in-place audit of an eager run
+# (Note [Graph faithfulness check]) and the instance checks now refuse each way. The
+# branch here is nonzero only on a thin cap of the ball (x0 > 0.95 eps), which the
+# sampled points miss: the refusal must not depend on sampling.
+
+
+def _add_branch(h, r):
+    h += r  # in place in eager mode, in a helper the source check does not read
+    return h
+
+
+class ThinCap(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lin, self.gate = nn.Linear(16, 2, dtype=DT), nn.Linear(16, 1, dtype=DT)
+        self.act = nn.ReLU(inplace=1) if how == "truthy" else nn.ReLU()
+        self.register_buffer("sign", torch.tensor([-1.0, 1.0], dtype=DT))
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.bias.copy_(torch.tensor([1.0, 0.0]))
+            self.gate.weight.zero_()
+            self.gate.weight[0, 0] = 100.0
+            self.gate.bias.fill_(-95.0)
+
+    def forward(self, x):
+        h = self.lin(x)
+        r = torch.relu(self.gate(x)) * self.sign
+        if self.how == "helper":
+            skip = h
+            _add_branch(h, r)
+            return skip
+        if self.how == "operator":
+            skip = h
+            operator.iadd(h, r)
+            return skip
+        if self.how == "pos":
+            p = +h  # the same tensor as h in eager mode
+            p.mul_(-1)
+            return h + r
+        if self.how == "truthy":
+            return self.act(h) + h  # inplace=1 is in place too
+        raise AssertionError(self.how)
+
+
+@pytest.mark.parametrize("how", ["helper", "operator", "pos", "truthy"])
+def test_in_place_updates_the_graph_does_not_follow_are_refused(how: str) -> None:
+    model = ThinCap(how).eval()
+    x = torch.zeros(1, 16, dtype=DT)
+    for fn in FUNCTIONS:
+        with pytest.raises(UntraceableModelError, match="in place"):
+            _call(fn, model, x, eps=1.0)
+    with pytest.raises(UntraceableModelError, match="in place"):
+        certify_crown(model, x, torch.tensor([0]), 1.0)
+
+
+class HelperState(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(2, 1, dtype=DT)
+        self.n = torch.zeros((), dtype=DT)  # a plain tensor attribute, not a buffer
+        self.k = 1.0
+
+    def _step(self) -> None:
+        if self.how == "tensor":
+            self.n.add_(1)
+        else:
+            self.k = self.k + 1  # an attribute write outside forward
+
+    def forward(self, x):
+        self._step()
+        return self.fc(x) * (self.n + self.k)
+
+
+@pytest.mark.parametrize("how", ["tensor", "number"])
+def test_state_changed_by_a_helper_is_refused(how: str) -> None:
+    attribute = "n" if how == "tensor" else "k"
+    with pytest.raises(UntraceableModelError, match=f"changes '{attribute}'"):
+        crown_bounds(HelperState(how).eval(), torch.zeros(1, 2, dtype=DT), 0.1, norm=2)
+
+
+def _patched(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "conv":
+        conv = nn.Conv2d(1, 2, 3, padding=1).to(DT)
+        conv._conv_forward = lambda x, w, b: nn.Conv2d._conv_forward(conv, x, -w, b)
+        return nn.Sequential(conv, nn.Flatten())
+    lin = nn.Linear(4, 2).to(DT)
+    if kind == "call":
+        lin._call_impl = lambda x: -nn.Linear.forward(lin, x)
+    elif kind == "compile":
+        lin._compiled_call_impl = lambda x: -nn.Linear.forward(lin, x)
+    else:
+        lin.forward = lambda x: -nn.Linear.forward(lin, x)
+    return nn.Sequential(lin, nn.ReLU())
+
+
+@pytest.mark.parametrize("kind", ["conv", "call", "compile", "forward"])
+def test_methods_replaced_on_the_instance_are_refused(kind: str) -> None:
+    model = _patched(kind)
+    x = torch.rand(2, 1, 4, 4, dtype=DT) if kind == "conv" else torch.rand(2, 4, dtype=DT)
+    for fn in FUNCTIONS:
+        with pytest.raises(UnboundedModuleError, match="replaced on the instance"):
+            _call(fn, model, x)
+    with pytest.raises(UnboundedModuleError, match="replaced on the instance"):
+        lipnets.lipschitz_bound(model, input_shape=tuple(x.shape))
+
+
+def test_the_graph_check_scales_its_tolerance_per_sample() -> None:
+    """A huge output of one sample must not hide a mismatch of 3 in another."""
+    from lipnets.propagation._graph import _compare
+
+    reference = torch.tensor([[5e8, 0.0], [1.0, 2.0]], dtype=DT)
+    _compare(reference + 1e-9, reference, "M", "here")  # rounding-sized: accepted
+    wrong = reference.clone()
+    wrong[1, 0] += 3.0
+    with pytest.raises(UntraceableModelError, match="does not compute what the model"):
+        _compare(wrong, reference, "M", "here")

@@ -243,6 +243,16 @@ def _check_hooks(model: nn.Module) -> None:
                 f"{where} overrides __call__, which torch.fx does not follow (it traces "
                 "forward); move that logic into forward"
             )
+        # Rules and traces follow the class; a method set on the instance runs instead.
+        patched = [a for a in ("forward", "_call_impl", "_conv_forward") if a in vars(module)]
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            patched.append("_compiled_call_impl (module.compile())")
+        if patched:
+            raise UnboundedModuleError(
+                f"{where} has {patched[0]} replaced on the instance, so it computes something "
+                "else than its class, which is what lipnets bounds and traces; bound a module "
+                "whose methods are its class's"
+            )
         hooks = [h for attr in _HOOK_DICTS for h in getattr(module, attr, {}).values()]
         # The deprecated spectral_norm/weight_norm hooks rewrite `weight` before
         # each forward, so the attribute a rule reads can be stale.

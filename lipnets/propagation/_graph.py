@@ -56,25 +56,35 @@ the model computes on the whole ball, not only at its centre. torch.fx records
 tensor operations, so lipnets refuses, with
 [`UntraceableModelError`][lipnets.errors.UntraceableModelError]:
 
-- a traced ``forward`` whose source uses augmented assignment (``h += r``)
-  or writes an attribute or an item (``self.c = ...``, ``h[0] = ...``): fx may
-  record them differently from eager mode, and away from the centres no check
-  can see it (write ``h = h + r``);
-- in-place operations except on a freshly computed tensor that nothing else
-  reads (``nn.ReLU(inplace=True)`` after a Linear), as in `lipnets.bounds`
-  (Note [Graph faithfulness] there), and any ``out=`` argument;
+- in-place updates that the graph does not follow. The graph accepts an
+  in-place operation only on a freshly computed tensor that nothing else reads
+  (``nn.ReLU(inplace=True)`` after a Linear), as in `lipnets.bounds` (Note
+  [Graph faithfulness] there). The model is then run once in eager mode under a
+  `TorchFunctionMode` that records every in-place update (``add_``, ``h += r``,
+  ``operator.iadd``, ``inplace=`` flags, ``out=``, item assignment), wherever it
+  is written: in ``forward``, a helper function, a decorator. Inside a layer
+  that is one node of the graph only updates of its inputs' memory count. The
+  eager run must make exactly the in-place updates the graph accepted;
+- a traced ``forward`` whose source uses augmented assignment or writes an
+  attribute or item (the common case of the above, with a message that points
+  at the line), and a forward that changes a parameter, a buffer, or a plain
+  tensor or number attribute of any submodule;
 - random numbers (``torch.randn``, ``rand_like``, ``Tensor.normal_``, ...),
   which the graph would freeze at one draw, and a ``full_like`` or
-  ``new_full`` whose fill value depends on the input;
-- a forward that changes a buffer or a parameter: the graph would hold the
-  changed value while the next call uses another.
+  ``new_full`` whose fill value depends on the input.
+
+Methods replaced on an instance (``forward``, ``_call_impl``,
+``_conv_forward``, ``module.compile()``) are refused with
+[`UnboundedModuleError`][lipnets.errors.UnboundedModuleError] by the checks
+shared with `lipnets.bounds`: rules and traces follow the class.
 
 Then the graph is evaluated on the input batch and on points of each ball
 (its boundary, its corners for an l-infinity ball, and inside), and every
-output must match the model's (to $\sqrt{\varepsilon}$ of the dtype,
-relative); a mismatch raises `UntraceableModelError`. The sampled points are
-a second line of defence, not a proof: the refusals above are what keeps the
-graph equal to the model on the whole ball.
+output must match the model's (to $\sqrt{\varepsilon}$ of the dtype, relative
+to each sample's largest output); a mismatch raises `UntraceableModelError`.
+The sampled points are a second line of defence, not a proof: a branch that
+only opens on a thin cap of the ball escapes them, and the refusals above are
+what keeps the graph equal to the model on the whole ball.
 """
 
 from __future__ import annotations
@@ -88,6 +98,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.overrides import TorchFunctionMode
 
 import lipnets.functional as LF
 from lipnets.bounds.compose import (
@@ -250,7 +261,7 @@ def build(model: nn.Module, x: Tensor, radius: Tensor | None = None, norm: float
     # Wrapped, the model is traced as a call: a torch.nn module or a layer with a
     # bound is then one leaf node, anything else is traced into as usual.
     root = nn.Sequential(_unwrap(model))
-    _check_hooks(root)
+    _check_hooks(_unwrap(model))
     gm, _, traced = _trace(root)
     found = _python_mutation(traced)
     if found is not None:
@@ -269,19 +280,28 @@ def build(model: nn.Module, x: Tensor, radius: Tensor | None = None, norm: float
             "of another function (Note [Graph faithfulness check]); write it out of place, "
             "e.g. `h = h + r` instead of `h += r`"
         )
-    tensors = [*root.named_parameters(), *root.named_buffers()]
-    state = [(n, t, t.detach().clone()) for n, t in tensors]
+    state = _State(root)
     builder = _Builder(gm, x.clone())  # nothing the trace runs can write into the caller's x
     graph = builder.run()
-    with torch.no_grad():
-        reference = root(x.clone())
-    for tensor_name, tensor, before in state:
-        if tensor.shape != before.shape or not torch.equal(tensor.detach(), before):
-            raise UntraceableModelError(
-                f"{name}.forward changes {tensor_name.removeprefix('0.')!r}: the propagation "
-                "graph would hold one value of it while the model uses another "
-                "(Note [Graph faithfulness check])"
-            )
+    leaves = {
+        id(m): m
+        for m in (gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module")
+    }
+    audit = _InPlaceAudit(list(leaves.values()))
+    try:
+        with torch.no_grad(), audit:
+            reference = root(x.clone())
+    finally:
+        audit.close()
+    state.check(name)
+    if len(audit.found) != builder.inplace_ops:
+        raise UntraceableModelError(
+            f"{name} updates tensors in place in eager mode ({', '.join(audit.found) or 'none'}) "
+            f"where its traced graph has {builder.inplace_ops} in-place update(s) of a fresh "
+            "tensor: torch.fx recorded something else than the model runs (`h += r`, an "
+            "in-place call in a helper, state kept in a tensor; Note [Graph faithfulness "
+            "check]); use out-of-place operations"
+        )
     _check_faithful(graph, reference, name)
     if radius is not None and graph.output is not None:
         _check_on_balls(graph, root, x, radius, norm, name)
@@ -295,6 +315,118 @@ def evaluate(nodes: list[Node], x: Tensor) -> list[Tensor]:
         assert node.op is not None
         values.append(node.op.forward([values[i] for i in node.inputs]))
     return values
+
+
+class _State:
+    """Parameters, buffers and plain tensor or number attributes of every submodule."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.items: list[tuple[str, Any, Any]] = []
+        for prefix, module in root.named_modules():
+            values = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            values += [
+                (k, v)
+                for k, v in vars(module).items()
+                if not k.startswith("_") and isinstance(v, (Tensor, int, float))
+            ]
+            for key, value in values:
+                copy = value.detach().clone() if isinstance(value, Tensor) else value
+                label = f"{prefix}.{key}".removeprefix("0").removeprefix(".")
+                self.items.append((label, (module, key, value), copy))
+
+    def check(self, name: str) -> None:
+        for where, (module, key, value), copy in self.items:
+            now = getattr(module, key, None)
+            changed = now is not value
+            if isinstance(value, Tensor) and not changed:
+                changed = now.shape != copy.shape or not torch.equal(now.detach(), copy)
+            if changed:
+                raise UntraceableModelError(
+                    f"{name}.forward changes {where!r}: the propagation graph would hold one "
+                    "value of it while the model uses another (Note [Graph faithfulness check])"
+                )
+
+
+_INPLACE_DUNDERS = {
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+    "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+    "__irshift__", "__setitem__",
+}  # fmt: skip
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors a torch call writes into: ``x.add_``, ``x += y``, ``out=``, ``inplace=``."""
+    name = getattr(func, "__name__", "")
+    first = [args[0]] if args and isinstance(args[0], Tensor) else []
+    if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")):
+        return first
+    out = kwargs.get("out")
+    if out is not None:
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        return [t for t in outs if isinstance(t, Tensor)]
+    if getattr(func, "__module__", "") == "torch.nn.functional":
+        try:
+            bound = inspect.signature(func).bind(*args, **kwargs)
+        except (TypeError, ValueError):
+            return []
+        if bound.arguments.get("inplace"):
+            return first
+    return []
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _InPlaceAudit(TorchFunctionMode):
+    """Records the in-place updates of an eager forward (Note [Graph faithfulness check]).
+
+    Inside a leaf module (a node of the graph), only updates of the memory of its
+    inputs count: its own temporaries are its business.
+    """
+
+    def __init__(self, leaves: list[nn.Module]) -> None:
+        super().__init__()
+        self.found: list[str] = []
+        self.scopes: list[set[int]] = []
+        self.handles = []
+        for module in leaves:
+            self.handles.append(module.register_forward_pre_hook(self._enter))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self.scopes.append({_storage(t) for t in _flat_tensors(args)})
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.scopes.pop()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for target in _written(func, args, kwargs):
+            if not self.scopes or _storage(target) in self.scopes[-1]:
+                self.found.append(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+def _flat_tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat_tensors(v)]
+    return []
+
+
+def _user_name(qualname: str) -> str:
+    """A submodule's name in the user's model (``build`` traces it wrapped, as ``0``)."""
+    if qualname in ("0", ""):
+        return "the model"
+    return qualname.removeprefix("0.")
 
 
 def _check_on_balls(
@@ -342,11 +474,16 @@ def _check_faithful(graph: Graph, reference: Any, name: str) -> None:
 def _compare(out: Tensor, reference: Tensor, name: str, where: str) -> None:
     reference = reference.detach()
     tol = math.sqrt(torch.finfo(reference.dtype).eps) if reference.is_floating_point() else 0.0
-    finite = reference[torch.isfinite(reference)]
-    scale = 1.0 + float(finite.abs().max()) if finite.numel() else 1.0
-    same = out.shape == reference.shape and bool(
-        torch.isclose(out, reference, rtol=0.0, atol=tol * scale, equal_nan=True).all()
-    )
+    same = out.shape == reference.shape
+    if same and reference.numel():
+        # Per sample: a large output of one sample must not hide a mismatch in another.
+        rows = reference.shape[0] if reference.ndim else 1
+        ref, got = reference.reshape(rows, -1), out.reshape(rows, -1)
+        size = torch.where(torch.isfinite(ref), ref.abs(), torch.zeros_like(ref))
+        atol = tol * (1.0 + size.amax(dim=1, keepdim=True))
+        close = ((got - ref).abs() <= atol) | (got == ref)  # == : infinities of one sign
+        close |= torch.isnan(got) & torch.isnan(ref)
+        same = bool(close.all())
     if not same:
         raise UntraceableModelError(
             f"the propagation graph of {name} does not compute what the model computes {where} "
@@ -366,6 +503,7 @@ class _Builder:
         self.value: dict[fx.Node, Any] = {}
         self.rep: dict[fx.Node, int | _Lazy] = {}
         self.fresh: set[fx.Node] = set()
+        self.inplace_ops = 0
         self.code_cache: dict[int, Tensor] = {}
 
     # -- bookkeeping -------------------------------------------------------
@@ -381,13 +519,14 @@ class _Builder:
 
     def where(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return f"{node.target} ({_kind(self.gm.get_submodule(str(node.target)))})"
+            module = self.gm.get_submodule(str(node.target))
+            return f"{_user_name(str(node.target))} ({_kind(module)})"
         desc = f"node '{node.name}' ({_describe(node)})"
         stack = node.meta.get("nn_module_stack")
         if stack:
             qualname, cls = list(stack.values())[-1][:2]
             cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
-            return f"{qualname} ({cls_name}), {desc}"
+            return f"{_user_name(qualname)} ({cls_name}), {desc}"
         return desc
 
     def no_rule(self, node: fx.Node, why: str = "") -> UnboundedModuleError:
@@ -476,8 +615,8 @@ class _Builder:
         before = len(self.nodes)
         result = self.convert(node)
         self.rep[node] = result
-        if isinstance(result, int) and result >= before:
-            self.fresh.add(node)  # a new tensor, not an alias of another node's
+        if isinstance(result, int) and result >= before and node.target is not operator.pos:
+            self.fresh.add(node)  # a new tensor, not an alias of another node's (+h is h)
 
     def is_meta(self, node: fx.Node) -> bool:
         if node.op == "call_method" and node.target in _META_METHODS:
@@ -502,15 +641,20 @@ class _Builder:
         if node.op == "call_function":
             name = getattr(node.target, "__name__", "")
         inplace = name.endswith("_") and not name.endswith("__")
-        inplace = inplace or node.kwargs.get("inplace") is True
+        inplace = inplace or bool(self.const(node.kwargs.get("inplace", False)))
         inplace = inplace or node.target in (operator.iadd, operator.isub, operator.imul)
         inplace = inplace or node.target is operator.itruediv
-        if node.target is F.relu and len(node.args) > 1 and node.args[1] is True:
+        if node.target is F.relu and len(node.args) > 1 and bool(self.const(node.args[1])):
             inplace = True
         if node.op == "call_module":
-            inplace = getattr(self.gm.get_submodule(str(node.target)), "inplace", False) is True
-        if not inplace or not node.args or not isinstance(node.args[0], fx.Node):
+            inplace = bool(getattr(self.gm.get_submodule(str(node.target)), "inplace", False))
+        if not inplace:
             return
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            raise UntraceableModelError(
+                f"{self.where(node)} updates a tensor in place that the propagation graph "
+                "cannot follow; use the out-of-place version"
+            )
         source = node.args[0]
         others = [u for u in source.users if u is not node]
         if others or source not in self.fresh:
@@ -519,6 +663,7 @@ class _Builder:
                 f"{self.where(node)} modifies '{source.name}' in place, and that memory is also "
                 f"reached through {users}; use the out-of-place version"
             )
+        self.inplace_ops += 1  # matched against the eager run (Note [Graph faithfulness check])
 
     # -- dispatch -------------------------------------------------------------
     def convert(self, node: fx.Node) -> int | _Lazy:
