@@ -333,6 +333,14 @@ def test_a_whole_model_that_is_one_torch_module() -> None:
 # sampled points miss: the refusal must not depend on sampling.
 
 
+class _ClaimsInPlace(nn.Identity):
+    inplace = True
+
+
+def _set_data(h, value):
+    h.data = value  # an in-place update of h that no torch function call shows
+
+
 def _add_branch(h, r):
     h += r  # in place in eager mode, in a helper the source check does not read
     return h
@@ -344,6 +352,7 @@ class ThinCap(nn.Module):
         self.how = how
         self.lin, self.gate = nn.Linear(16, 2, dtype=DT), nn.Linear(16, 1, dtype=DT)
         self.act = nn.ReLU(inplace=1) if how == "truthy" else nn.ReLU()
+        self.fake = _ClaimsInPlace()
         self.register_buffer("sign", torch.tensor([-1.0, 1.0], dtype=DT))
         with torch.no_grad():
             self.lin.weight.zero_()
@@ -369,10 +378,18 @@ class ThinCap(nn.Module):
             return h + r
         if self.how == "truthy":
             return self.act(h) + h  # inplace=1 is in place too
+        if self.how == "data":
+            skip = h
+            _set_data(h, h + r)
+            return skip
+        if self.how == "fake-inplace":  # a leaf claiming an in-place update it does not make
+            skip = h
+            operator.iadd(h, r)
+            return self.fake(h * 1.0) + skip
         raise AssertionError(self.how)
 
 
-@pytest.mark.parametrize("how", ["helper", "operator", "pos", "truthy"])
+@pytest.mark.parametrize("how", ["helper", "operator", "pos", "truthy", "data", "fake-inplace"])
 def test_in_place_updates_the_graph_does_not_follow_are_refused(how: str) -> None:
     model = ThinCap(how).eval()
     x = torch.zeros(1, 16, dtype=DT)
@@ -446,3 +463,110 @@ def test_the_graph_check_scales_its_tolerance_per_sample() -> None:
     wrong[1, 0] += 3.0
     with pytest.raises(UntraceableModelError, match="does not compute what the model"):
         _compare(wrong, reference, "M", "here")
+
+
+def test_written_tensors_of_every_spelling() -> None:
+    from lipnets.propagation._graph import _written
+
+    h, r = torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
+    for func, args, kwargs in [
+        (torch.Tensor.add_, (h, r), {}),
+        (torch.Tensor.__iadd__, (h, r), {}),
+        (torch.ops.aten.add_.Tensor, (h, r), {}),
+        (torch.ops.aten.copy_.default, (h, r), {}),
+        (torch.add, (r, r), {"out": h}),
+        (F.relu, (h,), {"inplace": 1}),
+        (F.relu, (h, True), {}),
+    ]:
+        assert [t is h for t in _written(func, args, kwargs)] == [True], func
+    for func, args in [(torch.add, (h, r)), (F.relu, (h,)), (torch.ops.aten.add.Tensor, (h, r))]:
+        assert _written(func, args, {}) == [], func
+
+
+class WarmUp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 1, dtype=DT)
+        self.warmed = False
+
+    def _warm(self) -> bool:
+        first, self.warmed = not self.warmed, True  # in a helper: the source check skips it
+        return first
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self._warm():  # the first call (the trace) flips it
+            y = y + 1
+        return y
+
+
+def test_state_changed_by_the_trace_itself_is_refused() -> None:
+    with pytest.raises(UntraceableModelError, match="changes 'warmed'"):
+        crown_bounds(WarmUp(), torch.zeros(1, 2, dtype=DT), 0.1, norm=2)
+
+
+def test_subclasses_that_replace_methods_are_traced_not_ruled() -> None:
+    """find_rule gives a class's rule only to subclasses that cannot compute something else."""
+    from lipnets.bounds.registry import find_rule
+
+    class Checked(nn.BatchNorm1d):
+        _check_input_dim = property(lambda self: lambda x: None)
+
+    class Looked(nn.Linear):
+        def __getattr__(self, name):
+            return super().__getattr__(name)
+
+    class Plain(nn.Linear):
+        pass
+
+    assert find_rule(Checked(3)) is None and find_rule(Looked(2, 2)) is None
+    assert find_rule(Plain(2, 2)) is find_rule(nn.Linear(2, 2)) is not None
+
+
+def test_a_parametrized_weight_read_twice_traces() -> None:
+    """A tied weight of a Björck layer: tracing must not cache a proxy in its parametrization."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = lipnets.BjorckLinear(4, 4).to(DT)
+
+        def forward(self, x):
+            return F.linear(torch.relu(self.a(x)), self.a.weight)
+
+    model = Tied().eval()
+    x = torch.randn(3, 4, dtype=DT)
+    lower, upper = crown_bounds(model, x, 0.0, norm=2)
+    with torch.no_grad():
+        torch.testing.assert_close(lower, model(x))
+        torch.testing.assert_close(upper, model(x))
+
+
+class CatInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3, dtype=DT), nn.Linear(4, 3, dtype=DT)
+        self.act, self.out = nn.ReLU(inplace=True), nn.Linear(6, 2, dtype=DT)
+
+    def forward(self, x):
+        return self.out(self.act(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+@pytest.mark.parametrize("kind", ["dropout", "cat"])
+def test_in_place_relu_on_a_view_nothing_else_reads_is_accepted(kind: str) -> None:
+    """Linear -> Dropout -> ReLU(inplace=True): the ReLU writes the Linear's memory, which
+    nothing else reads, so the graph is the model; the bounds hold on sampled points."""
+    torch.manual_seed(0)
+    if kind == "dropout":
+        layers = [nn.Linear(4, 6), nn.Dropout(0.2), nn.ReLU(inplace=True), nn.Linear(6, 2)]
+        model = nn.Sequential(*layers).to(DT).eval()
+    else:
+        model = CatInPlace().eval()
+    x = torch.randn(3, 4, dtype=DT)
+    bounds = crown_bounds(model, x, 0.3, norm=2)
+    u = torch.randn(4000, 3, 4, dtype=DT)
+    points = x + 0.3 * u / u.norm(dim=2, keepdim=True) * torch.rand(4000, 3, 1, dtype=DT)
+    with torch.no_grad():
+        y = model(points.reshape(-1, 4)).reshape(4000, 3, 2)
+    assert bool((y >= bounds.lower - 1e-9).all() and (y <= bounds.upper + 1e-9).all())
+    assert float((bounds.upper - bounds.lower).max()) < 10  # not vacuous

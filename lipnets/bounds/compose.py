@@ -244,7 +244,12 @@ def _check_hooks(model: nn.Module) -> None:
                 "forward); move that logic into forward"
             )
         # Rules and traces follow the class; a method set on the instance runs instead.
-        patched = [a for a in ("forward", "_call_impl", "_conv_forward") if a in vars(module)]
+        patched = [
+            k
+            for k, v in vars(module).items()
+            if callable(v) and not isinstance(v, (nn.Module, torch.Tensor))
+            and callable(getattr(type(module), k, None))
+        ]  # fmt: skip
         if getattr(module, "_compiled_call_impl", None) is not None:
             patched.append("_compiled_call_impl (module.compile())")
         if patched:

@@ -90,18 +90,28 @@ def find_rule(module: nn.Module) -> BoundRule | None:
     cls = type(module)
     if "forward" in vars(module) or cls.__call__ is not nn.Module.__call__:
         return None
-    for base in cls.__mro__:
+    for i, base in enumerate(cls.__mro__):
         rule = _RULES.get(base)
         if rule is not None:
             return rule
-        if any(_is_method(name, value) for name, value in vars(base).items()):
-            return None
+        later = cls.__mro__[i + 1 :]
+        for name, value in vars(base).items():
+            if _is_method(name, value):
+                return None
+            # A property that replaces a method of a base class is a method too.
+            if isinstance(value, property) and any(callable(vars(b).get(name)) for b in later):
+                return None
     return None
+
+
+_METHOD_DUNDERS = ("__call__", "__getattr__", "__getattribute__", "__setattr__")
 
 
 def _is_method(name: str, value: Any) -> bool:
     dunder = name.startswith("__") and name.endswith("__")
-    return callable(value) and not isinstance(value, type) and (not dunder or name == "__call__")
+    return (
+        callable(value) and not isinstance(value, type) and (not dunder or name in _METHOD_DUNDERS)
+    )
 
 
 def as_bound(value: Any, where: str) -> torch.Tensor:

@@ -85,6 +85,13 @@ to each sample's largest output); a mismatch raises `UntraceableModelError`.
 The sampled points are a second line of defence, not a proof: a branch that
 only opens on a thin cap of the ball escapes them, and the refusals above are
 what keeps the graph equal to the model on the whole ball.
+
+What no check here can see (three adversarial reviews looked): a forward that
+takes another path when traced than in eager mode (``isinstance(h, Tensor)``,
+``torch.fx.is_fx_tracing()``, ``try``/``except`` around tensor code), work
+done in another thread or with torch function modes disabled, writes through
+setters such as ``h.real = ...``, and state kept in private attributes or
+containers. A model written like that is outside what lipnets can certify.
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 import lipnets.functional as LF
@@ -257,12 +265,18 @@ def build(model: nn.Module, x: Tensor, radius: Tensor | None = None, norm: float
     With ``radius`` (one per sample) the graph is also checked on points of the
     balls of that radius in ``norm`` (Note [Graph faithfulness check]).
     """
-    name = type(_unwrap(model)).__name__
     # Wrapped, the model is traced as a call: a torch.nn module or a layer with a
     # bound is then one leaf node, anything else is traced into as usual.
     root = nn.Sequential(_unwrap(model))
     _check_hooks(_unwrap(model))
-    gm, _, traced = _trace(root)
+    state = _State(root)  # before tracing: a trace can change state too
+    gm, _, traced = _trace(root)  # not under parametrize.cached(): it would cache proxies
+    _refuse_python_mutation(traced)
+    with parametrize.cached():  # one realised weight per layer for the whole check
+        return _checked_graph(type(_unwrap(model)).__name__, root, gm, state, x, radius, norm)
+
+
+def _refuse_python_mutation(traced: list[nn.Module]) -> None:
     found = _python_mutation(traced)
     if found is not None:
         module, construct = found
@@ -280,7 +294,18 @@ def build(model: nn.Module, x: Tensor, radius: Tensor | None = None, norm: float
             "of another function (Note [Graph faithfulness check]); write it out of place, "
             "e.g. `h = h + r` instead of `h += r`"
         )
-    state = _State(root)
+
+
+def _checked_graph(
+    name: str,
+    root: nn.Module,
+    gm: fx.GraphModule,
+    state: _State,
+    x: Tensor,
+    radius: Tensor | None,
+    norm: float,
+) -> Graph:
+    """The propagation graph of ``gm`` on ``x``, checked against ``root`` in eager mode."""
     builder = _Builder(gm, x.clone())  # nothing the trace runs can write into the caller's x
     graph = builder.run()
     leaves = {
@@ -358,7 +383,17 @@ def _written(func: Any, args: tuple, kwargs: dict) -> list[Tensor]:
     """The tensors a torch call writes into: ``x.add_``, ``x += y``, ``out=``, ``inplace=``."""
     name = getattr(func, "__name__", "")
     first = [args[0]] if args and isinstance(args[0], Tensor) else []
-    if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")):
+    schema = getattr(func, "_schema", None)  # torch.ops.aten.add_.Tensor and the like
+    if schema is not None:
+        written = []
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                written += _flat_tensors(value)
+        return written
+    if name in _INPLACE_DUNDERS or name == "__set__":  # __set__: `h.data = ...`
+        return first
+    if name.endswith("_") and not name.endswith("__"):
         return first
     out = kwargs.get("out")
     if out is not None:
@@ -617,6 +652,10 @@ class _Builder:
         self.rep[node] = result
         if isinstance(result, int) and result >= before and node.target is not operator.pos:
             self.fresh.add(node)  # a new tensor, not an alias of another node's (+h is h)
+        elif all(d in self.fresh and len(d.users) == 1 for d in deps):
+            # A view (or copy) of fresh tensors that nothing else reads: updating it in
+            # place changes nothing another node sees (Linear -> Dropout -> ReLU(inplace)).
+            self.fresh.add(node)
 
     def is_meta(self, node: fx.Node) -> bool:
         if node.op == "call_method" and node.target in _META_METHODS:
@@ -646,8 +685,10 @@ class _Builder:
         inplace = inplace or node.target is operator.itruediv
         if node.target is F.relu and len(node.args) > 1 and bool(self.const(node.args[1])):
             inplace = True
-        if node.op == "call_module":
-            inplace = bool(getattr(self.gm.get_submodule(str(node.target)), "inplace", False))
+        if node.op == "call_module":  # torch.nn's own classes honour their flag
+            module = self.gm.get_submodule(str(node.target))
+            torch_class = type(module).__module__.startswith("torch.nn.")
+            inplace = torch_class and bool(getattr(module, "inplace", False))
         if not inplace:
             return
         if not node.args or not isinstance(node.args[0], fx.Node):

@@ -78,7 +78,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from lipnets.propagation import _ops
 from lipnets.propagation._graph import Graph, build
@@ -332,7 +331,7 @@ def session(model: nn.Module) -> Iterator[None]:
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
         model.eval()
-        with torch.no_grad(), parametrize.cached():
+        with torch.no_grad():  # build caches parametrizations once it has traced
             yield
     finally:
         for m, mode in modes:
