@@ -47,10 +47,9 @@ from lipnets.certify.lipschitz import (
 from lipnets.estimators.attack import pgd_l2
 from lipnets.estimators.autolip import _autolip
 from lipnets.estimators.lower import lower_bound
-from lipnets.estimators.power import _eval_mode
 from lipnets.estimators.seqlip import seqlip
 from lipnets.functional.margins import margin
-from lipnets.propagation.lirpa import check_args
+from lipnets.propagation.lirpa import check_args, check_batch
 
 __all__ = [
     "CertificationReport",
@@ -287,7 +286,7 @@ def _leaf_inputs(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, lis
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(x)
     except Exception as exc:
         raise ValueError(
@@ -558,16 +557,7 @@ def certification_report(
         ...     and row.crown_certified <= row.attack_robust for row in r.rows)
         True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise TypeError(f"x must be a floating-point tensor, got {got}")
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(
-            f"x must be a non-empty batch of shape (N, ...) with at least 2 dimensions, "
-            f"got shape {tuple(x.shape)}"
-        )
+    check_batch(model, x)
     if not isinstance(y, Tensor):
         raise TypeError(f"y must be a tensor of labels, got {type(y).__name__}")
     if y.ndim == 0 or y.shape[0] != x.shape[0]:

@@ -92,3 +92,37 @@ def lipschitz_ascent(
         opt.step()
     top = x.detach()[best.argsort(descending=True)[:4]]
     return max(float(best.max()), max_jacobian_norm(fn, top))
+
+
+def trained_digits_model(
+    activation: type[nn.Module], margin: float, train_size: int, steps: int = 80
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 64-64-64-10 BjorckLinear network with ``activation`` trained on scikit-learn's
+    digits (pixels in [0, 1], seeded split, ``steps`` full-batch Adam steps of the
+    multiclass hinge loss), then frozen in float64 with its held-out inputs and labels:
+    certificates and attacks then see the same float64 function."""
+    from sklearn.datasets import load_digits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = load_digits()
+        x = torch.tensor(data.data / 16.0, dtype=torch.float32)
+        y = torch.tensor(data.target)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        train, test = perm[:train_size], perm[train_size:]
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            lipnets.BjorckLinear(64, 64), activation(), lipnets.BjorckLinear(64, 64),
+            activation(), lipnets.BjorckLinear(64, 10),
+        )  # fmt: skip
+        loss_fn = lipnets.losses.MulticlassHingeLoss(margin=margin)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss = loss_fn(model(x[train]), y[train])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return as_float64(model.eval()), x[test].double(), y[test]

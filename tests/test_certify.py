@@ -20,7 +20,7 @@ from lipnets.certify import certified_accuracy, certified_radius
 from lipnets.estimators import pgd_l2
 from lipnets.functional import margin
 
-from .helpers import as_float64
+from .helpers import trained_digits_model
 
 
 def test_tied_logits_certify_nothing():
@@ -246,27 +246,8 @@ def test_bad_inputs_get_clear_errors():
 
 @pytest.fixture(scope="module")
 def digits_model():
-    sklearn = pytest.importorskip("sklearn.datasets")
-    data = sklearn.load_digits()
-    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:900], perm[900:]
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        lipnets.BjorckLinear(64, 64), lipnets.GroupSort(2), lipnets.BjorckLinear(64, 64),
-        lipnets.GroupSort(2), lipnets.BjorckLinear(64, 10),
-    )  # fmt: skip
-    loss_fn = lipnets.losses.MulticlassHingeLoss(margin=0.5)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(80):
-        loss = loss_fn(model(x[train]), y[train])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # certify and attack the same float64 function: the realised weights, frozen
-    frozen = as_float64(model.eval())
-    return frozen, x[test].double(), y[test]
+    """BjorckLinear/GroupSort(2), hinge margin 0.5, 900 training digits (897 held out)."""
+    return trained_digits_model(lambda: lipnets.GroupSort(2), margin=0.5, train_size=900)
 
 
 def test_pgd_never_breaks_a_certified_point_on_digits(digits_model):

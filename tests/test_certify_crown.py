@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 import lipnets
@@ -23,7 +22,7 @@ from lipnets.estimators import pgd_l2
 from lipnets.functional import margin
 from lipnets.reporting import CertificationReport, CertificationRow, certification_report
 
-from .helpers import as_float64
+from .helpers import as_float64, trained_digits_model
 
 DT = torch.float64
 
@@ -392,30 +391,8 @@ def test_report_bad_inputs_and_modes():
 
 @pytest.fixture(scope="module")
 def digits():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        data = load_digits()
-        x = torch.tensor(data.data / 16.0, dtype=torch.float32)  # pixels in [0, 1]
-        y = torch.tensor(data.target)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        train, test = perm[:1200], perm[1200:]  # 597 held-out points
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            lipnets.BjorckLinear(64, 64), lipnets.MaxMin(), lipnets.BjorckLinear(64, 64),
-            lipnets.MaxMin(), lipnets.BjorckLinear(64, 10),
-        )  # fmt: skip
-        loss_fn = lipnets.losses.MulticlassHingeLoss(margin=1.0)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(80):
-            loss = loss_fn(model(x[train]), y[train])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    # certify and attack the same float64 function: the realised weights, frozen
-    return as_float64(model.eval()), x[test].double(), y[test]
+    """BjorckLinear/MaxMin, hinge margin 1.0, 1200 training digits (597 held out)."""
+    return trained_digits_model(lipnets.MaxMin, margin=1.0, train_size=1200)
 
 
 def test_pgd_never_breaks_a_crown_certified_point_on_digits(digits):

@@ -271,8 +271,8 @@ def check_norm(norm: object) -> float:
     raise ValueError(f"norm must be 2 or float('inf') (or 'l2', 'inf', 'linf'), got {norm!r}")
 
 
-def check_args(model: object, x: object, eps: object) -> tuple[Tensor, Tensor]:
-    """Check the model and batch; return x (detached) and eps as an (N,) tensor of x's dtype."""
+def check_batch(model: object, x: object) -> None:
+    """A module and a non-empty floating-point batch (N, ...), or a clear error."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -283,6 +283,12 @@ def check_args(model: object, x: object, eps: object) -> tuple[Tensor, Tensor]:
             f"x must be a non-empty batch of shape (N, ...) with at least 2 dimensions, "
             f"got shape {tuple(x.shape)}"
         )
+
+
+def check_args(model: object, x: object, eps: object) -> tuple[Tensor, Tensor]:
+    """Check the model and batch; return x (detached) and eps as an (N,) tensor of x's dtype."""
+    check_batch(model, x)
+    assert isinstance(x, Tensor)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or infinite values")
     n = x.shape[0]
