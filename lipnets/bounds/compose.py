@@ -349,6 +349,20 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
 
+def _where(gm: fx.GraphModule, node: fx.Node, rename: Callable[[str], str] = str) -> str:
+    """Where ``node`` is, for error messages: the module's name and class, or the
+    node's description inside the module that called it (``rename`` maps names)."""
+    if node.op == "call_module":
+        return f"{rename(str(node.target))} ({_kind(gm.get_submodule(str(node.target)))})"
+    desc = f"node '{node.name}' ({_describe(node)})"
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        qualname, cls = list(stack.values())[-1][:2]
+        cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+        return f"{rename(qualname)} ({cls_name}), {desc}"
+    return desc
+
+
 def _trace(model: nn.Module) -> tuple[fx.GraphModule, set[int], list[nn.Module]]:
     tracer = _Tracer()
     # Arguments after the first that have defaults (masks, flags) are fixed to
@@ -545,15 +559,7 @@ class _Propagation:
         )
 
     def where(self, node: fx.Node) -> str:
-        if node.op == "call_module":
-            return f"{node.target} ({_kind(self.gm.get_submodule(str(node.target)))})"
-        desc = f"node '{node.name}' ({_describe(node)})"
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            qualname, cls = list(stack.values())[-1][:2]
-            cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
-            return f"{qualname} ({cls_name}), {desc}"
-        return desc
+        return _where(self.gm, node)
 
     def broadcast(self, node: fx.Node, operand: Any, other: Any) -> float:
         """sqrt of how many times broadcasting repeats each entry of ``operand``."""

@@ -113,11 +113,10 @@ from lipnets.bounds.compose import (
     _META_ATTRS,
     _META_METHODS,
     _check_hooks,
-    _describe,
-    _kind,
     _python_mutation,
     _trace,
     _unwrap,
+    _where,
 )
 from lipnets.errors import UnboundedModuleError, UntraceableModelError
 from lipnets.functional.reshape import depth_to_space
@@ -553,16 +552,7 @@ class _Builder:
         return index
 
     def where(self, node: fx.Node) -> str:
-        if node.op == "call_module":
-            module = self.gm.get_submodule(str(node.target))
-            return f"{_user_name(str(node.target))} ({_kind(module)})"
-        desc = f"node '{node.name}' ({_describe(node)})"
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            qualname, cls = list(stack.values())[-1][:2]
-            cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
-            return f"{_user_name(qualname)} ({cls_name}), {desc}"
-        return desc
+        return _where(self.gm, node, _user_name)
 
     def no_rule(self, node: fx.Node, why: str = "") -> UnboundedModuleError:
         return UnboundedModuleError(
