@@ -8,8 +8,11 @@ types), so ``except ValueError`` keeps working.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentTypeError",
+    "ExportError",
     "LipnetsError",
     "LipnetsWarning",
+    "NonFiniteError",
     "ShapeRequiredError",
     "UnboundedModuleError",
     "UntraceableModelError",
@@ -22,6 +25,15 @@ class LipnetsError(Exception):
 
 class LipnetsWarning(UserWarning):
     """Base class of lipnets' warnings."""
+
+
+class ArgumentTypeError(LipnetsError, TypeError, ValueError):
+    """An argument has a type lipnets does not accept (a bool or a float for an int...).
+
+    A ``TypeError``, and a ``ValueError`` too: before the validators were
+    gathered in one place some raised one and some the other for such
+    arguments, so both ``except`` clauses keep working.
+    """
 
 
 class UnboundedModuleError(LipnetsError, TypeError):
@@ -46,3 +58,18 @@ class UntraceableModelError(UnboundedModuleError):
 
 class ShapeRequiredError(LipnetsError, ValueError):
     """A bound depends on tensor shapes, but no ``input_shape`` was given."""
+
+
+class NonFiniteError(LipnetsError, ValueError):
+    """A parameter or buffer holds NaN or infinite values, so no finite bound exists.
+
+    The message names the tensor (``"features.0.weight holds NaN values"``).
+    """
+
+
+class ExportError(LipnetsError, TypeError):
+    """`to_vanilla` cannot export a module without changing the function it computes.
+
+    The message names the module and why (a ``forward`` of its own under an inherited
+    ``to_vanilla()``, or hooks).
+    """

@@ -22,7 +22,10 @@ import copy
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["to_vanilla"]
+from lipnets.errors import ExportError
+from lipnets.graph import hooks_of, method_owner, module_kind, trusted
+
+__all__ = ["freeze_parametrizations", "to_vanilla"]
 
 
 def to_vanilla(model: nn.Module) -> nn.Module:
@@ -45,6 +48,10 @@ def to_vanilla(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: if `model` is not an `nn.Module`.
+        ExportError: if a module with a ``to_vanilla()`` method computes something
+            else than the class that wrote it (a subclass with its own ``forward``, a
+            method replaced on the instance) or has forward hooks (Note [Trust policy]
+            in `lipnets.graph.policy`).
 
     Example:
         >>> import torch, lipnets
@@ -61,12 +68,13 @@ def to_vanilla(model: nn.Module) -> nn.Module:
     return _convert(copy.deepcopy(model), {})
 
 
-def _convert(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+def _convert(module: nn.Module, memo: dict[int, nn.Module], name: str = "") -> nn.Module:
     key = id(module)
     if key in memo:
         return memo[key]
     export = getattr(module, "to_vanilla", None)
     if callable(export):
+        _check_exportable(module, name)
         new = export()
         if not isinstance(new, nn.Module):
             raise TypeError(
@@ -76,15 +84,35 @@ def _convert(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     else:
         new = module
         if parametrize.is_parametrized(new):
-            _freeze_parametrizations(new)
+            freeze_parametrizations(new)
     memo[key] = new
-    for name, child in list(new._modules.items()):  # named_children() skips repeats
+    for child_name, child in list(new._modules.items()):  # named_children() skips repeats
         if child is not None:
-            setattr(new, name, _convert(child, memo))
+            setattr(new, child_name, _convert(child, memo, f"{name}.{child_name}".lstrip(".")))
     return new
 
 
-def _freeze_parametrizations(module: nn.Module) -> None:
+def _check_exportable(module: nn.Module, name: str) -> None:
+    """A ``to_vanilla()`` method is written for its class's forward: refuse a module whose
+    forward differs (Note [Trust policy] in `lipnets.graph.policy`), or that has hooks,
+    which the returned plain module would not carry."""
+    owner = method_owner(type(module), "to_vanilla")
+    where = f"{name or 'the model'} ({module_kind(module)})"
+    if hooks_of(module):
+        raise ExportError(
+            f"{where} has forward hooks, which its plain replacement would not run; remove "
+            "them before to_vanilla()"
+        )
+    if owner is None or not trusted(module, owner):
+        raise ExportError(
+            f"{where} computes something else than the class whose to_vanilla() it "
+            "inherits: its class defines its own forward (or a method forward "
+            "calls), or a method is replaced on the instance; give the class its own "
+            "to_vanilla()"
+        )
+
+
+def freeze_parametrizations(module: nn.Module) -> None:
     """Replace each parametrized tensor of `module` by the value it realises.
 
     `copy.deepcopy` keeps the class that parametrize created for the original

@@ -31,22 +31,21 @@ Labels are parsed by `lipnets.functional.margin`,
 which raise a ``ValueError`` on labels out of range, rows that are not
 one-hot, binary labels other than 1 / 0 / -1, and a batch mixing 0 and -1.
 
-`wasserstein_estimate` turns a trained critic into a certified *lower* bound
-on the Wasserstein-1 distance between two samples, using the sound bound of
-`lipnets.lipschitz_bound`.
+`lipnets.certify.wasserstein_estimate` turns a critic trained with `KRLoss`
+into a certified *lower* bound on the Wasserstein-1 distance between two
+samples; it lives in `lipnets.certify` and stays importable from here.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lipnets._modes import eval_mode
-from lipnets.bounds import lipschitz_bound
+from lipnets._checks import check_choice, check_probability, check_real, check_tensor
+from lipnets.certify.wasserstein import wasserstein_estimate
 from lipnets.functional.margins import binary_signs, class_indices, is_binary, margin
 
 __all__ = [
@@ -60,45 +59,21 @@ __all__ = [
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- helpers
 
 
 def _check_reduction(reduction: object) -> str:
-    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean' or 'sum', got {reduction!r}")
-    return reduction
-
-
-def _check_real(
-    name: str,
-    value: object,
-    *,
-    low: float,
-    low_open: bool,
-    high: float | None = None,
-) -> float:
-    """``value`` as a finite float in ``[low, high)`` / ``(low, high)``; clear errors otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    number = float(value)
-    too_low = number <= low if low_open else number < low
-    too_high = high is not None and number >= high
-    if not math.isfinite(number) or too_low or too_high:
-        left = "(" if low_open else "["
-        right = f"{high:g})" if high is not None else "inf)"
-        raise ValueError(f"{name} must be finite and in {left}{low:g}, {right}, got {value!r}")
-    return number
+    return str(check_choice(reduction, "reduction", _REDUCTIONS))
 
 
 def _reduce(values: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return values
+    # Checked again here: the attribute may have been changed after construction.
+    reduction = _check_reduction(reduction)
     if reduction == "mean":
         return values.mean()
     if reduction == "sum":
         return values.sum()
-    # Only reached if the attribute was changed after construction.
-    raise ValueError(f"reduction must be one of 'none', 'mean' or 'sum', got {reduction!r}")
+    return values
 
 
 def _parse(input: Tensor, target: object) -> tuple[bool, Tensor]:
@@ -112,8 +87,7 @@ def _parse(input: Tensor, target: object) -> tuple[bool, Tensor]:
     sample and that the scores are numbers.
     """
     binary = is_binary(input)  # checks the type, dtype and shape of the scores
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    target = check_tensor(target, "target")
     n = input.shape[0]
     if target.ndim == 0 or target.shape[0] != n:
         raise ValueError(
@@ -196,7 +170,7 @@ class MulticlassHingeLoss(nn.Module):
 
     def __init__(self, margin: float = 1.0, reduction: str = "mean") -> None:
         super().__init__()
-        self.margin = _check_real("margin", margin, low=0.0, low_open=True)
+        self.margin = check_real(margin, "margin", low=0.0, low_open=True)
         self.reduction = _check_reduction(reduction)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -243,8 +217,8 @@ class KRLoss(nn.Module):
     $f_c$ is a critic between class $c$ and the other classes.
     ``positive_fraction`` is not used.
 
-    After training, `wasserstein_estimate` turns the critic into a lower
-    bound on $W_1$.
+    After training, `lipnets.certify.wasserstein_estimate` turns the critic
+    into a lower bound on $W_1$.
 
     Args:
         reduction: ``"none"`` (one value per sample, shape $(N,)$),
@@ -275,9 +249,7 @@ class KRLoss(nn.Module):
     def __init__(self, reduction: str = "mean", positive_fraction: float = 0.5) -> None:
         super().__init__()
         self.reduction = _check_reduction(reduction)
-        self.positive_fraction = _check_real(
-            "positive_fraction", positive_fraction, low=0.0, low_open=True, high=1.0
-        )
+        self.positive_fraction = check_probability(positive_fraction, "positive_fraction")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Return the Kantorovich–Rubinstein loss of ``input`` against ``target``.
@@ -348,12 +320,10 @@ class HKRLoss(nn.Module):
         positive_fraction: float = 0.5,
     ) -> None:
         super().__init__()
-        self.alpha = _check_real("alpha", alpha, low=0.0, low_open=False)
-        self.margin = _check_real("margin", margin, low=0.0, low_open=True)
+        self.alpha = check_real(alpha, "alpha", low=0.0)
+        self.margin = check_real(margin, "margin", low=0.0, low_open=True)
         self.reduction = _check_reduction(reduction)
-        self.positive_fraction = _check_real(
-            "positive_fraction", positive_fraction, low=0.0, low_open=True, high=1.0
-        )
+        self.positive_fraction = check_probability(positive_fraction, "positive_fraction")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         """Return the HKR loss of ``input`` scores against ``target`` labels.
@@ -429,8 +399,8 @@ class LipschitzCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        self.offset = _check_real("offset", offset, low=0.0, low_open=False)
-        self.temperature = _check_real("temperature", temperature, low=0.0, low_open=True)
+        self.offset = check_real(offset, "offset", low=0.0)
+        self.temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
         self.reduction = _check_reduction(reduction)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -467,136 +437,3 @@ class LipschitzCrossEntropyLoss(nn.Module):
             f"offset={self.offset:g}, temperature={self.temperature:g}, "
             f"reduction={self.reduction!r}"
         )
-
-
-# ---------------------------------------------------------------- Wasserstein
-
-
-def _check_samples(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise ValueError(
-            f"{name} must be a batch of samples of shape (N, ...) with N >= 1, got {tuple(x.shape)}"
-        )
-    return x
-
-
-def _check_lipschitz(lipschitz: object) -> float:
-    if isinstance(lipschitz, Tensor):
-        if lipschitz.numel() != 1:
-            raise ValueError(
-                f"lipschitz must be a number, got a tensor of shape {tuple(lipschitz.shape)}"
-            )
-        lipschitz = lipschitz.item()
-    return _check_real("lipschitz", lipschitz, low=0.0, low_open=True)
-
-
-def _critic_mean(critic: nn.Module, x: Tensor, batch_size: int, name: str) -> float:
-    total = 0.0
-    for chunk in x.split(batch_size):
-        scores = critic(chunk)
-        n = chunk.shape[0]
-        if not isinstance(scores, Tensor) or tuple(scores.shape) not in ((n,), (n, 1)):
-            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            raise ValueError(
-                f"the critic must return one score per sample, shape ({n},) or ({n}, 1), "
-                f"got {shape} on {name}"
-            )
-        total += float(scores.double().sum())
-    if not math.isfinite(total):
-        raise ValueError(f"the critic returned non-finite scores on {name}")
-    return total / x.shape[0]
-
-
-def wasserstein_estimate(
-    critic: nn.Module,
-    x_p: Tensor,
-    x_q: Tensor,
-    *,
-    lipschitz: float | Tensor | None = None,
-    batch_size: int = 1024,
-) -> float:
-    r"""Certified lower estimate of Wasserstein-1 from a critic: $(\bar f_P - \bar f_Q) / L$.
-
-    With $\bar f_P$ and $\bar f_Q$ the mean scores of the critic on ``x_p``
-    and ``x_q``, and $L$ a sound Lipschitz bound of the critic. Since $f / L$
-    is 1-Lipschitz, Kantorovich–Rubinstein duality gives
-    $|\bar f_P - \bar f_Q| / L \le W_1(\hat P, \hat Q)$ for the empirical
-    distributions $\hat P, \hat Q$ of the two samples, with $W_1$ measured in
-    the l2 norm of the input: the absolute value of the result is a lower
-    bound on that distance, never an over-estimate (up to float rounding of
-    the scores). It is positive when the critic scores ``x_p`` higher, the
-    convention of `KRLoss` ($P$ = label 1), and it is tight when the critic is
-    an optimal transport potential.
-
-    The critic is evaluated in eval mode, the function its bound is computed
-    for, under ``torch.no_grad()``, ``batch_size`` samples at a time; the
-    train/eval mode of each of its modules is restored afterwards, also when
-    an error is raised.
-
-    Args:
-        critic: a module returning one score per sample, shape $(N,)$ or
-            $(N, 1)$.
-        x_p: samples of $P$, shape $(N_P, \dots)$.
-        x_q: samples of $Q$, shape $(N_Q, \dots)$, the same per-sample shape.
-        lipschitz: a Lipschitz bound $L > 0$ to use instead of
-            `lipnets.lipschitz_bound` ``(critic, input_shape=(1, *x_p.shape[1:]))``.
-            It must be sound for the result to be a lower bound.
-        batch_size: the number of samples per forward pass.
-
-    Returns:
-        The estimate as a Python float.
-
-    Raises:
-        TypeError: if ``critic`` is not an ``nn.Module`` or the samples are not
-            tensors.
-        ValueError: on empty samples, different per-sample shapes, a critic
-            returning other than one score per sample or non-finite scores, a
-            ``lipschitz`` that is not a finite number $> 0$, or a
-            ``batch_size`` below 1.
-        UnboundedModuleError: if ``lipschitz`` is not given and the critic has
-            a part without a sound bound rule.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> critic = nn.Linear(1, 1)
-        >>> with torch.no_grad():
-        ...     _ = critic.weight.fill_(3.0), critic.bias.fill_(0.5)
-        >>> x_p, x_q = torch.tensor([[2.0], [4.0]]), torch.tensor([[0.0], [1.0]])
-        >>> w = wasserstein_estimate(critic, x_p, x_q)  # W1 of these samples is 2.5
-        >>> w <= 2.5, round(w, 6)  # L is a hair above 3 (a sound bound rounds up)
-        (True, 2.5)
-
-    References:
-        Arjovsky, M., Chintala, S. & Bottou, L. (2017). Wasserstein generative
-        adversarial networks. *ICML*.
-        Villani, C. (2009). *Optimal Transport: Old and New*, Thm 5.10
-        (Kantorovich duality).
-    """
-    if not isinstance(critic, nn.Module):
-        raise TypeError(f"critic must be an nn.Module, got {type(critic).__name__}")
-    x_p = _check_samples("x_p", x_p)
-    x_q = _check_samples("x_q", x_q)
-    if x_p.shape[1:] != x_q.shape[1:]:
-        raise ValueError(
-            "x_p and x_q must have the same per-sample shape, got "
-            f"{tuple(x_p.shape[1:])} and {tuple(x_q.shape[1:])}"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    given = None if lipschitz is None else _check_lipschitz(lipschitz)
-
-    with eval_mode(critic):
-        if given is None:
-            bound = float(lipschitz_bound(critic, input_shape=(1, *x_p.shape[1:])))
-        else:
-            bound = given
-        with torch.no_grad():
-            mean_p = _critic_mean(critic, x_p, batch_size, "x_p")
-            mean_q = _critic_mean(critic, x_q, batch_size, "x_q")
-    if bound == 0:
-        # A sound bound of 0 means a constant critic: it tells nothing about W1.
-        return 0.0
-    return (mean_p - mean_q) / bound

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lipnets._modes import eval_mode
 from lipnets._progress import progress_bar
-from lipnets.bounds.compose import _compose, _kind, _unwrap, lipschitz_bound
+from lipnets.bounds import compose, lipschitz_bound
 from lipnets.certify.crown import certify_crown
 from lipnets.certify.lipschitz import (
     _check_eps,
@@ -49,6 +49,7 @@ from lipnets.estimators.autolip import _autolip
 from lipnets.estimators.lower import lower_bound
 from lipnets.estimators.seqlip import seqlip
 from lipnets.functional.margins import margin
+from lipnets.graph import module_kind, unwrap
 from lipnets.propagation.lirpa import check_args, check_batch
 
 __all__ = [
@@ -193,7 +194,7 @@ def report(
     stages = _Stages(progress)
     notes: list[str] = []
     try:
-        composition = stages.run("bound", lambda: _compose(model, shape))
+        composition = stages.run("bound", lambda: compose(model, shape))
         # AutoLip walks the graph the bound just walked: an error here is a real one.
         autolip_value, autolip_leaves = stages.run(
             "autolip", lambda: _autolip(model, shape, iters=200, tol=1e-7, generator=generator)
@@ -203,7 +204,7 @@ def report(
             seqlip_value = stages.run(
                 "seqlip",
                 lambda: seqlip(
-                    _unwrap(model), shape, max_width=seqlip_max_width, generator=generator
+                    unwrap(model), shape, max_width=seqlip_max_width, generator=generator
                 ),
             )
         except ValueError as exc:  # not a sequential network of the kind SeqLip handles
@@ -221,7 +222,7 @@ def report(
     finally:
         stages.close()
     return GuaranteeReport(
-        model=_kind(_unwrap(model)),
+        model=module_kind(unwrap(model)),
         input_shape=shape,
         layers=tuple(layers),
         bound=float(composition.bound),
@@ -274,7 +275,7 @@ class _Stages:
 
 def _leaf_inputs(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, list[Tensor]]:
     """The first positional input of each named leaf, per call, on `x` (eval mode)."""
-    root = _unwrap(model)
+    root = unwrap(model)
     seen: dict[str, list[Tensor]] = {name: [] for name in names}
     handles = []
     for name in set(names):
@@ -309,7 +310,7 @@ def _layer_reports(model, x, leaves, autolip_leaves, steps, restarts, generator)
     estimates = {}
     if [leaf.name for leaf in autolip_leaves] == names:  # the same graph walk
         estimates = dict(enumerate(autolip_leaves))
-    root = _unwrap(model)
+    root = unwrap(model)
     rows = []
     for i, leaf in enumerate(leaves):
         call = calls.get(leaf.name, 0)
@@ -574,7 +575,7 @@ def certification_report(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    core = _unwrap(model)
+    core = unwrap(model)
     device = _device(core)
     if device is not None:
         x = x.to(device)
@@ -684,7 +685,7 @@ def certification_report(
             + "; a certificate is wrong (float32 rounding, or a bug: please report it)"
         )
     return CertificationReport(
-        model=_kind(core),
+        model=module_kind(core),
         norm=q,
         samples=n,
         clean_count=clean,

@@ -31,6 +31,7 @@ from lipnets.functional.bcop import (
 from lipnets.functional.orthogonal import bjorck, bjorck_retraction
 from lipnets.functional.reshape import space_to_depth
 from lipnets.nn.bcop import BCOPConv2d
+from lipnets.parametrizations import BCOPOrthogonal
 from lipnets.parametrizations.orthogonal import BJORCK_DEFAULT, BjorckConfig
 
 from .helpers import as_float64, dense_jacobian
@@ -321,6 +322,24 @@ def test_module_matches_functional():
     z = F.pad(space_to_depth(x, 2), (0, 1, 0, 1), mode="circular")  # torch's even "same"
     expected = F.conv2d(z, kernel, layer.bias)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("k", "s"), [(3, 1), (2, 2)])
+def test_layer_weight_is_the_bcop_parametrization(k, s):
+    # The module is a shell: its weight is BCOPOrthogonal applied to the raw stack.
+    layer = BCOPConv2d(3, 5, k, stride=s).eval()
+    param = layer.parametrizations.weight[0]
+    assert isinstance(param, BCOPOrthogonal)
+    standalone = BCOPOrthogonal(
+        out_channels=5,
+        in_channels=3 * s * s,
+        kernel_size=k,
+        stride=s,
+        zero_slice=k % 2 == 0,
+        config=layer.config,
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(standalone(raw(layer)), layer.weight, rtol=0, atol=0)
 
 
 # --- the layer: training, export, numerics -----------------------------------------------------

@@ -23,8 +23,13 @@ import lipnets.bounds.pool_rules  # noqa: F401  (registers the LPPool and shuffl
 from lipnets.bounds import lipschitz_bound
 from lipnets.errors import UnboundedModuleError
 from lipnets.export import to_vanilla
+from lipnets.functional.pooling import (
+    l2_norm_pool2d,
+    l2_norm_pool2d_lipschitz_bound,
+    max_window_cover,
+)
 from lipnets.functional.reshape import depth_to_space, space_to_depth
-from lipnets.nn.pooling import InvertibleDownsample, L2NormPool2d, l2_norm_pool2d, max_window_cover
+from lipnets.nn.pooling import InvertibleDownsample, L2NormPool2d
 
 from .helpers import dense_jacobian, lipschitz_ascent, max_jacobian_norm, spectral_norm
 
@@ -209,6 +214,34 @@ def test_l2_pool_matches_reference(kernel, stride, padding, size):
     torch.testing.assert_close(layer(x), ref, rtol=REL, atol=0)
     torch.testing.assert_close(l2_norm_pool2d(x, kernel, stride, padding), ref, rtol=REL, atol=0)
     torch.testing.assert_close(layer(x[0]), ref[0], rtol=REL, atol=0)  # unbatched
+
+
+@pytest.mark.parametrize("kernel, stride, padding, size", CONFIGS)
+def test_l2_pool_module_is_a_shell_over_functional(kernel, stride, padding, size):
+    # Function first, module as a shell: forward and bound are the functional ones.
+    layer = L2NormPool2d(kernel, stride, padding)
+    x = randn(2, 3, *size)
+    assert torch.equal(layer(x), l2_norm_pool2d(x, kernel, stride, padding))
+    for shape, input_size in [((2, 3, *size), size), ((3, *size), size), (None, None)]:
+        assert torch.equal(
+            layer.lipschitz_bound(shape),
+            l2_norm_pool2d_lipschitz_bound(kernel, stride, padding, input_size),
+        )
+    assert torch.equal(
+        L2NormPool2d(kernel).lipschitz_bound(), l2_norm_pool2d_lipschitz_bound(kernel)
+    )
+    down = InvertibleDownsample(2)
+    z = randn(2, 3, 4, 6)
+    assert torch.equal(down(z), space_to_depth(z, 2))
+
+
+def test_pooling_functions_stay_importable_from_nn_pooling():
+    import lipnets.functional
+    import lipnets.nn.pooling
+
+    assert lipnets.nn.pooling.l2_norm_pool2d is l2_norm_pool2d
+    assert lipnets.nn.pooling.max_window_cover is max_window_cover
+    assert lipnets.functional.l2_norm_pool2d is l2_norm_pool2d
 
 
 @pytest.mark.parametrize("kernel, stride", [(2, None), (3, 1), ((2, 3), (1, 2))])

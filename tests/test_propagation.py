@@ -297,7 +297,7 @@ def test_functional_ops_slicing_and_constants() -> None:
 def test_every_node_stays_within_its_bounds(mix: str, norm: float) -> None:
     """The intermediate bounds (ReLU inputs, comparator differences) that CROWN relaxes
     and local_lipschitz reads are sound too, not only the outputs."""
-    from lipnets.propagation._graph import build, evaluate
+    from lipnets.propagation.graph import build, evaluate
     from lipnets.propagation.lirpa import Propagator, check_args, session
 
     for seed in range(10):

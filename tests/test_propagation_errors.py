@@ -455,7 +455,7 @@ def test_methods_replaced_on_the_instance_are_refused(kind: str) -> None:
 
 def test_the_graph_check_scales_its_tolerance_per_sample() -> None:
     """A huge output of one sample must not hide a mismatch of 3 in another."""
-    from lipnets.propagation._graph import _compare
+    from lipnets.graph import compare as _compare
 
     reference = torch.tensor([[5e8, 0.0], [1.0, 2.0]], dtype=DT)
     _compare(reference + 1e-9, reference, "M", "here")  # rounding-sized: accepted
@@ -466,7 +466,7 @@ def test_the_graph_check_scales_its_tolerance_per_sample() -> None:
 
 
 def test_written_tensors_of_every_spelling() -> None:
-    from lipnets.propagation._graph import _written
+    from lipnets.graph.faithful import written as _written
 
     h, r = torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
     for func, args, kwargs in [

@@ -400,7 +400,7 @@ def cmd_wasserstein(args: argparse.Namespace, argv: list[str]) -> int:
         config, options, progress=not args.no_progress
     )
     print(
-        f"  W1 estimate (critic)     {result.estimate:.6f}  (lipnets.losses.wasserstein_estimate)"
+        f"  W1 estimate (critic)     {result.estimate:.6f}  (lipnets.certify.wasserstein_estimate)"
     )
     print(f"  exact W1 (POT ot.emd2)   {result.exact:.6f}")
     print(f"  relative gap             {100 * result.relative_gap:.3f}%")

@@ -3,7 +3,7 @@ r"""Train a Wasserstein critic between two 2-D samples and check it against exac
 The critic (``critic`` in `zoo.models`: BjorckLinear + GroupSort, one output)
 maximises the Kantorovich–Rubinstein objective $\bar f_P - \bar f_Q$ over the
 two samples, full batch, with `lipnets.losses.KRLoss`.
-`lipnets.losses.wasserstein_estimate` divides that objective by the critic's
+`lipnets.certify.wasserstein_estimate` divides that objective by the critic's
 sound bound, which makes it a lower bound on the Wasserstein-1 distance
 between the two samples. It is printed next to the exact distance of the same
 samples from POT (`ot.emd2` on the Euclidean cost matrix) and the median
@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 import lipnets
-from lipnets.losses import KRLoss, wasserstein_estimate
+from lipnets.certify import wasserstein_estimate
+from lipnets.losses import KRLoss
 from zoo import cards, data, models
 from zoo.errors import ZooError
 

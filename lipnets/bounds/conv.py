@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lipnets.bounds.registry import _pair, register_bound
+from lipnets.bounds.registry import pair, register_bound
 from lipnets.functional.conv_norms import conv2d_spectral_norm_bound
 
 __all__: list[str] = []
@@ -51,13 +51,13 @@ def _conv1d(module: nn.Conv1d, input_shape: torch.Size | None) -> torch.Tensor:
         raise ValueError("weight is an uninitialised lazy parameter: run one forward pass first")
     padding = module.padding
     if not isinstance(padding, str):
-        padding = (0, _pair(padding, 1)[0])
+        padding = (0, pair(padding, 1)[0])
     size = _spatial_size(module, input_shape, 1)
     return conv2d_spectral_norm_bound(
         weight.unsqueeze(2),
-        stride=(1, _pair(module.stride, 1)[0]),
+        stride=(1, pair(module.stride, 1)[0]),
         padding=padding,
-        dilation=(1, _pair(module.dilation, 1)[0]),
+        dilation=(1, pair(module.dilation, 1)[0]),
         groups=module.groups,
         padding_mode=module.padding_mode,
         input_size=None if size is None else (1, size[0]),

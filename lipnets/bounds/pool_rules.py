@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipnets.bounds.registry import _pair, register_bound
+from lipnets.bounds.registry import pair, register_bound
 from lipnets.errors import UnboundedModuleError
 
 __all__: list[str] = []
@@ -111,8 +111,8 @@ def _lp_pool(module: nn.Module, input_shape: torch.Size | None) -> torch.Tensor:
         next(c for c in (nn.LPPool1d, nn.LPPool2d, nn.LPPool3d) if isinstance(module, c))
     ]
     exponent = _lp_exponent(module)
-    k = _pair(module.kernel_size, n)
-    s = _pair(module.stride if module.stride is not None else module.kernel_size, n)
+    k = pair(module.kernel_size, n)
+    s = pair(module.stride if module.stride is not None else module.kernel_size, n)
     sizes: Sequence[int | None] = (None,) * n
     if input_shape is not None:
         if len(input_shape) < n + 1:

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from lipnets.errors import UnboundedModuleError
+from lipnets.graph import bump_rules_version, method_owner, register_rule_provider, trusted_owner
 
-__all__ = ["BoundRule", "as_bound", "find_rule", "register_bound"]
+__all__ = ["BoundRule", "as_bound", "bound_rule", "find_rule", "pair", "register_bound"]
 
 BoundRule = Callable[[nn.Module, "torch.Size | None"], Any]
 """A rule maps ``(module, input_shape)`` to a sound bound (float or 0-dim tensor).
@@ -72,46 +73,52 @@ def register_bound(*module_types: type[nn.Module]) -> Callable[[_R], _R]:
             raise TypeError(f"register_bound() decorates a callable, got {fn!r}")
         for t in module_types:
             _RULES[t] = fn
+        bump_rules_version()
         return fn
 
     return decorator
 
 
-def find_rule(module: nn.Module) -> BoundRule | None:
-    """The rule that bounds ``module``, or ``None``.
+def _owner(cls: type) -> type | None:
+    """The class in ``cls``'s MRO that provides its bound: a ``lipschitz_bound`` method or a
+    registered rule, whichever is nearer (the trust policy then decides, Note [Trust policy])."""
+    owners = []
+    if callable(getattr(cls, "lipschitz_bound", None)):
+        owner = method_owner(cls, "lipschitz_bound")
+        if owner is not None:
+            owners.append(owner)
+    registered = next((base for base in cls.__mro__ if base in _RULES), None)
+    if registered is not None:
+        owners.append(registered)
+    return min(owners, key=cls.__mro__.index) if owners else None
 
-    The nearest registered class in the MRO is used, but a subclass inherits
-    its rule only when it cannot compute something else: it defines no
-    methods of its own (dunder methods such as ``__init__`` aside; properties,
-    as torch's parametrizations add, are fine), overrides neither ``forward``
-    nor ``__call__``, and the instance has no patched ``forward``. Otherwise
-    lipnets traces into it.
-    """
-    cls = type(module)
-    if "forward" in vars(module) or cls.__call__ is not nn.Module.__call__:
+
+register_rule_provider("bound", _owner)
+
+
+def bound_rule(module: nn.Module) -> BoundRule | None:
+    """The rule that bounds ``module``: its class's ``lipschitz_bound`` method or registered
+    rule, when the trust policy trusts the module with it (Note [Trust policy] in
+    `lipnets.graph.policy`); else None, and lipnets traces into the module."""
+    owner = trusted_owner(module, "bound")
+    if owner is None:
         return None
-    for i, base in enumerate(cls.__mro__):
-        rule = _RULES.get(base)
-        if rule is not None:
-            return rule
-        later = cls.__mro__[i + 1 :]
-        for name, value in vars(base).items():
-            if _is_method(name, value):
-                return None
-            # A property that replaces a method of a base class is a method too.
-            if isinstance(value, property) and any(callable(vars(b).get(name)) for b in later):
-                return None
-    return None
+    if owner in _RULES:
+        return _RULES[owner]
+    return lambda m, shape: m.lipschitz_bound(input_shape=shape)
 
 
-_METHOD_DUNDERS = ("__call__", "__getattr__", "__getattribute__", "__setattr__")
+def find_rule(module: nn.Module) -> BoundRule | None:
+    """The registered rule that bounds ``module``, or ``None``.
 
-
-def _is_method(name: str, value: Any) -> bool:
-    dunder = name.startswith("__") and name.endswith("__")
-    return (
-        callable(value) and not isinstance(value, type) and (not dunder or name in _METHOD_DUNDERS)
-    )
+    The nearest registered class in the MRO provides it, and the module must be
+    trusted with it (Note [Trust policy] in `lipnets.graph.policy`): a subclass
+    that defines methods of its own (``forward``, or a helper ``forward`` calls),
+    a method replaced on the instance or a hook makes lipnets trace into the
+    module instead.
+    """
+    owner = trusted_owner(module, "bound")
+    return _RULES.get(owner) if owner is not None else None
 
 
 def as_bound(value: Any, where: str) -> torch.Tensor:
@@ -134,7 +141,7 @@ def as_bound(value: Any, where: str) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64)
 
 
-def _pair(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+def pair(value: int | Sequence[int], n: int) -> tuple[int, ...]:
     """Expand an int or a sequence to an ``n``-tuple (torch's _ntuple)."""
     if isinstance(value, int):
         return (value,) * n

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipnets.bounds.registry import _pair, register_bound
+from lipnets.bounds.registry import pair, register_bound
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError
 from lipnets.functional.norms import spectral_norm_bound
 
@@ -176,9 +176,9 @@ def _max_pool(module: nn.Module, input_shape: torch.Size | None):
     n = _ndims(module)
     if module.return_indices:
         raise UnboundedModuleError(f"{type(module).__name__}(return_indices=True) returns indices")
-    k = _pair(module.kernel_size, n)
-    s = _pair(module.stride if module.stride is not None else module.kernel_size, n)
-    d = _pair(module.dilation, n)
+    k = pair(module.kernel_size, n)
+    s = pair(module.stride if module.stride is not None else module.kernel_size, n)
+    d = pair(module.dilation, n)
     cover = 1
     for kk, ss, dd in zip(k, s, d, strict=True):
         cover *= min(kk, math.ceil(((kk - 1) * dd + 1) / ss))
@@ -204,9 +204,9 @@ def _avg_pool_1d_operator(
 
 def _avg_pool(module: nn.Module, input_shape: torch.Size | None):
     n = _ndims(module)
-    k = _pair(module.kernel_size, n)
-    s = _pair(module.stride if module.stride else module.kernel_size, n)
-    p = _pair(module.padding, n)
+    k = pair(module.kernel_size, n)
+    s = pair(module.stride if module.stride else module.kernel_size, n)
+    p = pair(module.padding, n)
     override = getattr(module, "divisor_override", None)
     ceil_mode, include_pad = bool(module.ceil_mode), bool(module.count_include_pad)
     sizes = _spatial(input_shape, n)

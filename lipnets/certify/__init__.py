@@ -9,5 +9,6 @@ from an estimate and never from an assumed constant.
 
 from lipnets.certify.crown import certify_crown
 from lipnets.certify.lipschitz import certified_accuracy, certified_radius
+from lipnets.certify.wasserstein import wasserstein_estimate
 
-__all__ = ["certified_accuracy", "certified_radius", "certify_crown"]
+__all__ = ["certified_accuracy", "certified_radius", "certify_crown", "wasserstein_estimate"]

@@ -48,8 +48,10 @@ from torch import Tensor, nn
 
 from lipnets._modes import eval_mode
 from lipnets._progress import progress_bar
-from lipnets.bounds.compose import _unwrap, lipschitz_bound
+from lipnets.bounds import compose, last_linear
+from lipnets.errors import UnboundedModuleError
 from lipnets.functional.margins import _check_scores, class_indices, is_binary, margin
+from lipnets.graph import module_kind, trace, trusted, unwrap
 
 __all__ = ["certified_accuracy", "certified_radius"]
 
@@ -105,6 +107,13 @@ def _check_lipschitz(lipschitz: object, n: int) -> Tensor:
 
 def _last_layer_weight(last_layer: object) -> Tensor:
     if isinstance(last_layer, nn.Linear):
+        if not trusted(last_layer, nn.Linear):
+            raise UnboundedModuleError(
+                f"last_layer ({module_kind(last_layer)}) may not compute W x + b with its "
+                "weight: its class defines its own forward (or a method forward calls), a "
+                "method is replaced on the instance, or a hook is attached (Note [Trust "
+                'policy] in lipnets.graph.policy); use mode="vector"'
+            )
         weight = last_layer.weight  # the realised weight of a parametrized layer
     elif isinstance(last_layer, Tensor):
         weight = last_layer
@@ -362,15 +371,18 @@ def certified_accuracy(
     radii = _check_eps(eps)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    core = _unwrap(model)
+    core = unwrap(model)
+    traced = trace(core)  # the one front end: trust and faithfulness policies
     last_layer = None
     if mode == "last_layer":
-        if not isinstance(core, nn.Sequential) or not isinstance(core[-1], nn.Linear):
+        found = last_linear(traced)
+        if found is None:
             raise ValueError(
-                'mode="last_layer" needs an nn.Sequential whose last module is an nn.Linear, '
-                f"got {type(core).__name__}"
+                'mode="last_layer" needs a model whose output is the output of a final '
+                "nn.Linear that lipnets trusts (no forward of its own, no hook; Note [Trust "
+                f"policy]), got {module_kind(core)}"
             )
-        last_layer = core[-1]
+        last_layer = found[0]
     device = _device(core)
     batches = _batches(inputs, labels, batch_size)
     bar = progress_bar(progress, _batch_count(inputs, batch_size), "certified_accuracy")
@@ -397,8 +409,9 @@ def certified_accuracy(
                 # A bound may depend on the input size (convolutions): one per sample shape.
                 shape = (1, *x.shape[1:])
                 if shape not in bounds:
-                    bounded = core[:-1] if mode == "last_layer" else core
-                    bounds[shape] = lipschitz_bound(bounded, input_shape=shape)
+                    composition = compose(traced, shape)
+                    body = composition.body if mode == "last_layer" else None
+                    bounds[shape] = composition.bound if body is None else body
                 bound = bounds[shape]
             else:
                 bound = given

@@ -31,8 +31,7 @@ from torch.nn.utils import parametrize
 
 # The graph walk is shared with the sound bound; only the leaf values differ,
 # and nothing in lipnets.bounds reads these estimates.
-from lipnets.bounds.compose import _compose, _has_own_bound, _kind, _own_bound
-from lipnets.bounds.registry import find_rule
+from lipnets.bounds import bound_rule, compose, own_bound
 from lipnets.estimators._affine import is_affine
 from lipnets.estimators.power import (
     _check_count,
@@ -42,6 +41,7 @@ from lipnets.estimators.power import (
     _eval_mode,
     power_iteration,
 )
+from lipnets.graph import module_kind
 
 __all__ = ["autolip"]
 
@@ -144,7 +144,7 @@ def _autolip(
         """Power iteration for an affine leaf, the known (sound) constant for any other."""
         if leaf_shape is None:  # only when input_shape is None, which autolip never passes
             raise AssertionError("autolip composes with shapes")
-        if not (_has_own_bound(module) or find_rule(module) is not None):
+        if bound_rule(module) is None:
             return None  # not a leaf: the composition traces into it (or raises, naming it)
         s = tuple(leaf_shape)
         with _eval_mode(module), parametrize.cached():
@@ -165,11 +165,12 @@ def _autolip(
                 module, s, iters=iters, tol=tol, generator=generator, dtype=dtype, device=device
             )
         else:
-            value = _own_bound(module, leaf_shape, where)
+            value = own_bound(module, leaf_shape, where)
         name = where.split(" (", 1)[0] if " (" in where else ""
-        leaves.append(_Leaf(name, _kind(module), value, affine, s))
+        name = "" if name == "the model" else name
+        leaves.append(_Leaf(name, module_kind(module), value, affine, s))
         return value
 
     with _eval_mode(model):
-        composition = _compose(model, shape, leaf_value)
+        composition = compose(model, shape, leaf_value)
     return composition.bound, leaves

@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 # Plain-torch utility (imports torch only); not a bound.
 from lipnets._progress import progress_bar
-from lipnets.export import _freeze_parametrizations
+from lipnets.export import freeze_parametrizations
 
 __all__ = ["LowerBound", "lower_bound"]
 
@@ -220,7 +220,7 @@ def _float64_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     with torch.no_grad():
         for sub in list(clone.modules()):
             if parametrize.is_parametrized(sub):
-                _freeze_parametrizations(sub)
+                freeze_parametrizations(sub)
     complex_dtype = torch.complex128 if dtype == torch.float64 else None
 
     def cast(t: Tensor) -> Tensor:

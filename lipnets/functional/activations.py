@@ -14,29 +14,17 @@ entries tie: each output's gradient is routed to exactly one input.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
+
+from lipnets._checks import check_dim, check_int, check_tensor
 
 __all__ = ["full_sort", "group_sort", "max_min"]
 
 
-def _check_tensor(x: object) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-
-
-def _check_dim_type(dim: object) -> int:
-    """Return ``dim`` as an int; a bool is not accepted."""
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"dim must be an int, got {dim!r} ({type(dim).__name__})")
-    return int(dim)
-
-
 def _check_dim(x: Tensor, dim: object) -> int:
     """Return ``dim`` as a non-negative index into ``x``'s dimensions."""
-    dim = _check_dim_type(dim)
+    dim = check_dim(dim)
     ndim = x.ndim
     if ndim == 0:
         raise IndexError(
@@ -49,17 +37,6 @@ def _check_dim(x: Tensor, dim: object) -> int:
             f"(expected dim in [{-ndim}, {ndim - 1}])"
         )
     return dim % ndim
-
-
-def _check_group_size(group_size: object) -> int:
-    """Return ``group_size`` as an int >= 1; a bool is not accepted."""
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-        raise ValueError(
-            f"group_size must be an int >= 1, got {group_size!r} ({type(group_size).__name__})"
-        )
-    if group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1, got {group_size}")
-    return int(group_size)
 
 
 def group_sort(x: Tensor, group_size: int, dim: int = 1) -> Tensor:
@@ -110,8 +87,8 @@ def group_sort(x: Tensor, group_size: int, dim: int = 1) -> Tensor:
         approximation. *Proceedings of the 36th International Conference on
         Machine Learning (ICML)*, PMLR 97:291-301.
     """
-    _check_tensor(x)
-    group_size = _check_group_size(group_size)
+    check_tensor(x)
+    group_size = check_int(group_size, "group_size")
     given_dim = dim
     dim = _check_dim(x, dim)
     channels = x.shape[dim]
@@ -183,7 +160,7 @@ def max_min(x: Tensor, dim: int = 1) -> Tensor:
         approximation. *Proceedings of the 36th International Conference on
         Machine Learning (ICML)*, PMLR 97:291-301.
     """
-    _check_tensor(x)
+    check_tensor(x)
     given_dim = dim
     dim = _check_dim(x, dim)
     channels = x.shape[dim]
@@ -232,6 +209,6 @@ def full_sort(x: Tensor, dim: int = 1) -> Tensor:
         approximation. *Proceedings of the 36th International Conference on
         Machine Learning (ICML)*, PMLR 97:291-301.
     """
-    _check_tensor(x)
+    check_tensor(x)
     dim = _check_dim(x, dim)
     return torch.sort(x, dim=dim).values

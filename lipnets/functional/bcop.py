@@ -70,6 +70,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from lipnets._checks import check_int, check_tensor
+
 __all__ = [
     "bcop_kernel",
     "space_to_depth_from_strided",
@@ -142,14 +144,12 @@ def bcop_kernel(h: Tensor, qs: Tensor | Sequence[Tensor], in_channels: int | Non
         Xiao, L. et al. (2018). Dynamical isometry and a mean field theory of
         CNNs. *ICML* (block orthogonal convolutions).
     """
-    if not isinstance(h, Tensor) or not h.is_floating_point():
-        raise TypeError(f"h must be a floating-point tensor, got {type(h).__name__}")
+    check_tensor(h, "h", floating=True)
     if not isinstance(qs, Tensor):
         if not all(isinstance(q, Tensor) for q in qs):
             raise TypeError("qs must be a tensor or a sequence of tensors")
         qs = torch.stack(list(qs)) if len(qs) else h.new_zeros(0, h.shape[-1], 0)
-    if not qs.is_floating_point():
-        raise TypeError(f"qs must be a floating-point tensor, got dtype {qs.dtype}")
+    check_tensor(qs, "qs", floating=True)
     if h.ndim != 2 or h.shape[0] > h.shape[1] or h.shape[0] == 0:
         raise ValueError(f"h must be a c_out x c matrix with 1 <= c_out <= c, got {tuple(h.shape)}")
     c = h.shape[1]
@@ -158,11 +158,7 @@ def bcop_kernel(h: Tensor, qs: Tensor | Sequence[Tensor], in_channels: int | Non
             f"qs must have shape (2m, c, r) with c = h.shape[1] = {c} and an even number of "
             f"factors, got {tuple(qs.shape)}"
         )
-    if in_channels is None:
-        in_channels = c
-    bad = isinstance(in_channels, bool) or not isinstance(in_channels, int)
-    if bad or not 1 <= in_channels <= c:
-        raise ValueError(f"in_channels must be an int in [1, {c}], got {in_channels!r}")
+    in_channels = c if in_channels is None else check_int(in_channels, "in_channels", maximum=c)
     kernel = h[None, None]  # taps first: (kh, kw, c_out, c)
     for i in range(0, qs.shape[0], 2):
         kernel = _block_conv(kernel, qs[i], dim=1)
@@ -170,12 +166,11 @@ def bcop_kernel(h: Tensor, qs: Tensor | Sequence[Tensor], in_channels: int | Non
     return kernel[..., :in_channels].permute(2, 3, 0, 1)
 
 
-def _check_factor(kernel: Tensor, factor: int) -> None:
+def _check_kernel_factor(kernel: Tensor, factor: int) -> int:
     if not isinstance(kernel, Tensor) or kernel.ndim != 4:
         shape = tuple(kernel.shape) if isinstance(kernel, Tensor) else type(kernel).__name__
         raise ValueError(f"kernel must be a 4-D tensor (out, in, kh, kw), got {shape}")
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+    return check_int(factor, "factor")
 
 
 def strided_from_space_to_depth(kernel: Tensor, factor: int) -> Tensor:
@@ -199,7 +194,7 @@ def strided_from_space_to_depth(kernel: Tensor, factor: int) -> Tensor:
         >>> bool(torch.allclose(F.conv2d(x, w, stride=2, padding=2), y))
         True
     """
-    _check_factor(kernel, factor)
+    factor = _check_kernel_factor(kernel, factor)
     if kernel.shape[1] % (factor * factor):
         raise ValueError(
             f"kernel must have a multiple of factor**2 = {factor * factor} input channels, "
@@ -217,7 +212,7 @@ def space_to_depth_from_strided(kernel: Tensor, factor: int) -> Tensor:
         >>> bool(torch.equal(space_to_depth_from_strided(strided_from_space_to_depth(k, 2), 2), k))
         True
     """
-    _check_factor(kernel, factor)
+    factor = _check_kernel_factor(kernel, factor)
     if kernel.shape[2] % factor or kernel.shape[3] % factor:
         raise ValueError(
             f"kernel's spatial size must be a multiple of factor = {factor}, "

@@ -142,11 +142,12 @@ seconds, not minutes.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from lipnets._checks import check_choice, check_int, check_int_pair, check_tensor
 
 __all__ = ["conv2d_spectral_norm_bound"]
 
@@ -240,20 +241,18 @@ def conv2d_spectral_norm_bound(
         with Circular and Zero Paddings*. arXiv:2402.00240, 2024.
     """
     w = _check_weight(weight)
-    strides = _int_pair(stride, "stride", minimum=1)
-    dilations = _int_pair(dilation, "dilation", minimum=1)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    strides = check_int_pair(stride, "stride", 1)
+    dilations = check_int_pair(dilation, "dilation", 1)
+    groups = check_int(groups, "groups")
     if w.shape[0] % groups:
         raise ValueError(
             f"groups must divide out_channels = weight.shape[0] = {w.shape[0]}, got {groups}"
         )
-    if padding_mode not in _PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+    check_choice(padding_mode, "padding_mode", _PADDING_MODES)
     kernel = (int(w.shape[2]), int(w.shape[3]))
     pads = _pads(padding, kernel, dilations, strides)
     kd = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilations, strict=True))
-    size = None if input_size is None else _int_pair(input_size, "input_size", minimum=1)
+    size = None if input_size is None else check_int_pair(input_size, "input_size", 1)
     if size is not None:
         _check_size(size, pads, kd, strides, padding_mode)
     if w.numel() == 0 or not bool(w.any()):
@@ -280,8 +279,7 @@ def conv2d_spectral_norm_bound(
 def _check_weight(weight: torch.Tensor) -> torch.Tensor:
     if isinstance(weight, torch.nn.parameter.UninitializedParameter):
         raise ValueError("weight is an uninitialised lazy parameter: run one forward pass first")
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
+    check_tensor(weight, "weight", floating=True)
     if weight.ndim != 4:
         raise ValueError(
             "weight must be 4-D (out_channels, in_channels / groups, kh, kw), "
@@ -291,25 +289,6 @@ def _check_weight(weight: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(w).all()):
         raise ValueError("weight contains NaN or infinite entries; no Lipschitz bound exists")
     return w
-
-
-def _int_pair(value: object, name: str, *, minimum: int) -> tuple[int, int]:
-    items = [value] * 2 if not isinstance(value, Sequence) or isinstance(value, str) else value
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 1:
-        items = [value[0]] * 2
-    if len(items) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    out = []
-    for item in items:
-        if isinstance(item, bool):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-        try:
-            out.append(operator.index(item))
-        except TypeError:
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if min(out) < minimum:
-        raise ValueError(f"{name} must hold ints >= {minimum}, got {value!r}")
-    return out[0], out[1]
 
 
 def _pads(
@@ -330,7 +309,7 @@ def _pads(
         raise ValueError(
             f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}"
         )
-    ph, pw = _int_pair(padding, "padding", minimum=0)
+    ph, pw = check_int_pair(padding, "padding", 0)
     return (ph, ph), (pw, pw)
 
 

@@ -110,13 +110,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lipnets._checks import check_int, check_int_pair, check_tensor
 from lipnets.functional.reshape import space_to_depth
 
 __all__ = [
@@ -127,24 +127,8 @@ __all__ = [
 ]
 
 
-def _pair(value: object, name: str) -> tuple[int, int]:
-    """`value` as a pair of ints >= 1 (an int means a square pair)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        pair: tuple[object, ...] = (value, value)
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        pair = tuple(value)
-    else:
-        pair = ()
-    if len(pair) != 2 or any(
-        isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1 for p in pair
-    ):
-        raise ValueError(f"{name} must be an int >= 1 or a pair of them, got {value!r}")
-    return int(pair[0]), int(pair[1])  # type: ignore[call-overload]
-
-
 def _check_kernel(kernel: Tensor, *, finite: bool = True) -> None:
-    if not isinstance(kernel, Tensor) or not kernel.is_floating_point():
-        raise TypeError(f"kernel must be a floating-point tensor, got {type(kernel).__name__}")
+    check_tensor(kernel, "kernel", floating=True)
     if kernel.ndim != 4 or kernel.numel() == 0:
         raise ValueError(
             "kernel must have shape (out_channels, in_channels, kh, kw) with no zero size, "
@@ -380,7 +364,7 @@ def _skew_taps(kernel: Tensor, wide: bool) -> Tensor:
 
 def _frequency_matrices(kernel: Tensor, size: int | Sequence[int], cayley: bool) -> Tensor:
     _check_kernel(kernel)
-    height, width = _pair(size, "size")
+    height, width = check_int_pair(size, "size")
     with torch.autocast(_device_type(kernel), enabled=False):
         kernel = kernel.to(_compute_dtype(kernel.dtype))
         z = _transfer_matrices(kernel, height, width)
@@ -626,8 +610,7 @@ def fft_cayley_conv2d(
         True
     """
     _check_kernel(kernel, finite=False)  # cayley_frequency_matrices checks the values
-    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1:
-        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    stride = check_int(stride, "stride")
     if not isinstance(x, Tensor) or x.ndim != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (B, C, H, W) tensor, got {shape}")
@@ -638,7 +621,7 @@ def fft_cayley_conv2d(
             f"got {height} x {width}"
         )
     if stride > 1:
-        x = space_to_depth(x, int(stride))
+        x = space_to_depth(x, stride)
     if x.shape[1] != kernel.shape[1]:
         raise ValueError(
             f"kernel has {kernel.shape[1]} input channels but the input has {x.shape[1]} "

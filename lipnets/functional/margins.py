@@ -27,14 +27,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lipnets._checks import check_tensor
+
 __all__ = ["binary_signs", "class_indices", "is_binary", "margin"]
 
 
 def _check_scores(scores: object) -> Tensor:
-    if not isinstance(scores, Tensor):
-        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if not scores.is_floating_point():
-        raise TypeError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
+    scores = check_tensor(scores, "scores", floating=True)
     if scores.ndim not in (1, 2) or scores.shape[0] == 0:
         raise ValueError(
             "scores must have shape (N, C) (multiclass) or (N,) / (N, 1) (binary) with N >= 1, "
@@ -50,8 +49,7 @@ def is_binary(scores: Tensor) -> bool:
 
 
 def _check_labels(labels: object, n: int) -> Tensor:
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    labels = check_tensor(labels, "labels")
     if labels.ndim == 0 or labels.shape[0] != n:
         raise ValueError(
             f"labels must have one entry per sample: {n} scores but labels of shape "

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from lipnets._checks import check_tensor
+
 __all__ = ["spectral_norm_bound"]
 
 _EPS64 = torch.finfo(torch.float64).eps
@@ -56,12 +58,7 @@ def spectral_norm_bound(matrix: torch.Tensor, *, name: str = "matrix") -> torch.
     """
     if isinstance(matrix, torch.nn.parameter.UninitializedParameter):
         raise ValueError(f"{name} is an uninitialised lazy parameter: run one forward pass first")
-    if not isinstance(matrix, torch.Tensor) or not (
-        matrix.is_floating_point() or matrix.is_complex()
-    ):
-        raise TypeError(
-            f"{name} must be a floating-point or complex tensor, got {type(matrix).__name__}"
-        )
+    check_tensor(matrix, name, floating=True, allow_complex=True)
     if matrix.ndim < 2:
         raise ValueError(
             f"{name} must be a matrix or a stack of matrices (..., m, n), "

@@ -71,39 +71,23 @@ import warnings
 import torch
 from torch import Tensor
 
+from lipnets._checks import check_bjorck_options, check_tensor
 from lipnets.errors import LipnetsWarning
 
 __all__ = ["bjorck", "bjorck_retraction", "cayley", "orthogonality_error"]
 
 # Largest guaranteed bound on lambda_max(X^T X) used without scaling, per order
-# (Note [Bjorck pre-scaling]).
+# (Note [Bjorck pre-scaling]); one per order in lipnets._checks.BJORCK_ORDERS, the
+# orders check_bjorck_options accepts (tests/test_checks.py checks they agree).
 _CAPS = {1: 2.5, 2: 2.0}
 
 
 def _check_matrix(w: Tensor, name: str) -> None:
-    if not isinstance(w, Tensor) or not w.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {type(w).__name__}")
+    check_tensor(w, name, floating=True)
     if w.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions, got shape {tuple(w.shape)}")
     if w.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(w.shape)}")
-
-
-def _check_options(order: int, tol: float, iterations: int | None, max_iterations: int) -> None:
-    if order not in _CAPS:
-        raise ValueError(f"order must be one of {sorted(_CAPS)}, got {order!r}")
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
-    if iterations is not None and (
-        isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1
-    ):
-        raise ValueError(f"iterations must be None or an int >= 1, got {iterations!r}")
-    if (
-        isinstance(max_iterations, bool)
-        or not isinstance(max_iterations, int)
-        or max_iterations < 1
-    ):
-        raise ValueError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
 
 
 def _bjorck_tall(
@@ -196,7 +180,7 @@ def bjorck(
         Analysis*, 8(2), 358-364.
     """
     _check_matrix(w, name)
-    _check_options(order, tol, iterations, max_iterations)
+    check_bjorck_options(order, tol, iterations, max_iterations)
     if w.shape[-2] >= w.shape[-1]:
         return _bjorck_tall(w, order, tol, iterations, max_iterations, name)
     return _bjorck_tall(w.mT, order, tol, iterations, max_iterations, name).mT
@@ -257,7 +241,7 @@ def bjorck_retraction(
         True
     """
     _check_matrix(w, name)
-    _check_options(order, tol, iterations, max_iterations)
+    check_bjorck_options(order, tol, iterations, max_iterations)
     return _BjorckRetraction.apply(w, order, tol, iterations, max_iterations, name)
 
 
@@ -327,10 +311,7 @@ def orthogonality_error(w: Tensor, *, name: str = "w") -> Tensor:
         >>> orthogonality_error(torch.diag(torch.tensor([1.0, 0.5])))
         tensor(0.5000, dtype=torch.float64)
     """
-    if not isinstance(w, Tensor) or not (w.is_floating_point() or w.is_complex()):
-        raise TypeError(
-            f"{name} must be a floating-point or complex tensor, got {type(w).__name__}"
-        )
+    check_tensor(w, name, floating=True, allow_complex=True)
     if w.ndim < 2 or w.numel() == 0:
         raise ValueError(f"{name} must be a non-empty (stack of) matrices, got {tuple(w.shape)}")
     w = w.detach()

@@ -18,26 +18,16 @@ inverse), which the tests check.
 
 from __future__ import annotations
 
-import numbers
-
 from einops import rearrange
 from torch import Tensor
+
+from lipnets._checks import check_int, check_tensor
 
 __all__ = ["depth_to_space", "space_to_depth"]
 
 
-def _check_factor(factor: object) -> int:
-    """Return ``factor`` as an int >= 1; a bool is not accepted."""
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral):
-        raise ValueError(f"factor must be an int >= 1, got {factor!r} ({type(factor).__name__})")
-    if factor < 1:
-        raise ValueError(f"factor must be an int >= 1, got {factor}")
-    return int(factor)
-
-
 def _check_input(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    x = check_tensor(x, "x")
     if x.ndim < 3:
         raise ValueError(
             f"{name} expects x of shape (*, C, H, W) with x.ndim >= 3, "
@@ -94,7 +84,7 @@ def space_to_depth(x: Tensor, factor: int) -> Tensor:
         Jacobsen, J.-H., Smeulders, A. & Oyallon, E. (2018). i-RevNet: Deep
         invertible networks. *ICLR*.
     """
-    factor = _check_factor(factor)
+    factor = check_int(factor, "factor")
     x = _check_input(x, "space_to_depth")
     height, width = x.shape[-2], x.shape[-1]
     if height % factor != 0 or width % factor != 0:
@@ -142,7 +132,7 @@ def depth_to_space(x: Tensor, factor: int) -> Tensor:
         Shi, W. et al. (2016). Real-time single image and video super-resolution
         using an efficient sub-pixel convolutional neural network. *CVPR*.
     """
-    factor = _check_factor(factor)
+    factor = check_int(factor, "factor")
     x = _check_input(x, "depth_to_space")
     channels = x.shape[-3]
     if channels % (factor * factor) != 0:

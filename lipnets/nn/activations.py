@@ -13,13 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lipnets.functional.activations import (
-    _check_dim_type,
-    _check_group_size,
-    full_sort,
-    group_sort,
-    max_min,
-)
+from lipnets._checks import check_dim, check_int
+from lipnets.functional.activations import full_sort, group_sort, max_min
 
 __all__ = ["FullSort", "GroupSort", "MaxMin"]
 
@@ -65,8 +60,8 @@ class GroupSort(nn.Module):
 
     def __init__(self, group_size: int = 2, dim: int = 1) -> None:
         super().__init__()
-        self.group_size = _check_group_size(group_size)
-        self.dim = _check_dim_type(dim)
+        self.group_size = check_int(group_size, "group_size")
+        self.dim = check_dim(dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply `group_sort` along `self.dim`."""
@@ -135,7 +130,7 @@ class MaxMin(nn.Module):
 
     def __init__(self, dim: int = 1) -> None:
         super().__init__()
-        self.dim = _check_dim_type(dim)
+        self.dim = check_dim(dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply `max_min` along `self.dim`."""
@@ -192,7 +187,7 @@ class FullSort(nn.Module):
 
     def __init__(self, dim: int = 1) -> None:
         super().__init__()
-        self.dim = _check_dim_type(dim)
+        self.dim = check_dim(dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply `full_sort` along `self.dim`."""

@@ -1,14 +1,14 @@
 r"""`BCOPConv2d`: an orthogonal convolution from block convolutions (Li et al. 2019).
 
-The layer is an `nn.Conv2d` whose `weight` is a registered parametrization
-(`torch.nn.utils.parametrize`): every access builds the kernel from one raw
-tensor of $2k - 1$ square matrices, orthogonalised together by
-`lipnets.functional.bcop.bjorck` and composed by
-`lipnets.functional.bcop.bcop_kernel` (Note [BCOP block convolutions] in
-`lipnets.functional.bcop`). Nothing is
-cached and there are no buffers. `forward` is `nn.Conv2d.forward`, so the
-layer, its export (`to_vanilla`) and the bound composer all see one plain
-convolution; `lipschitz_bound` is computed from the realised kernel.
+The layer is an `nn.Conv2d` whose `weight` is a registered parametrization,
+`lipnets.parametrizations.bcop.BCOPOrthogonal` (`torch.nn.utils.parametrize`):
+every access builds the kernel from one raw tensor of $2k - 1$ square
+matrices, orthogonalised together by `lipnets.functional.bjorck` and composed
+by `lipnets.functional.bcop.bcop_kernel` (Note [BCOP block convolutions] in
+`lipnets.functional.bcop`). Nothing is cached and there are no buffers.
+`forward` is `nn.Conv2d.forward`, so the layer, its export (`to_vanilla`) and
+the bound composer all see one plain convolution; `lipschitz_bound` is
+computed from the realised kernel.
 
 # Note [BCOP padding]
 
@@ -50,92 +50,26 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lipnets.functional.bcop import (
-    bcop_kernel,
-    space_to_depth_from_strided,
-    strided_from_space_to_depth,
+from lipnets._checks import (
+    check_choice,
+    check_instance,
+    check_int,
+    check_spatial_shape,
+    check_square,
 )
+from lipnets.functional.bcop import space_to_depth_from_strided
 from lipnets.functional.conv_norms import conv2d_spectral_norm_bound
 from lipnets.functional.fft_cayley import conv_frequency_matrices
 from lipnets.functional.orthogonal import orthogonality_error
-from lipnets.parametrizations.orthogonal import BJORCK_DEFAULT, BjorckConfig, WeightConfig, polar
+from lipnets.parametrizations.bcop import BCOPOrthogonal
+from lipnets.parametrizations.orthogonal import BJORCK_DEFAULT, BjorckConfig, WeightConfig
 
 __all__ = ["BCOPConv2d"]
 
 _PADDING_MODES = ("circular", "zeros")
-
-
-def _channels(value: object, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _square(value: object, arg: str, least: int) -> int:
-    """An int (or a pair of equal ints) >= least, as an int."""
-    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{arg} must be an int >= {least} or a pair of equal ones, got {value!r}")
-    return value
-
-
-class _BCOPKernel(nn.Module):
-    """Parametrization: raw (2k - 1, c, c) stack -> the layer's convolution kernel."""
-
-    def __init__(
-        self,
-        *,
-        out_channels: int,
-        in_channels: int,
-        kernel_size: int,
-        stride: int,
-        zero_slice: bool,
-        config: BjorckConfig,
-    ) -> None:
-        super().__init__()
-        self.out_channels = out_channels
-        self.in_channels = in_channels  # after space_to_depth: s^2 times the layer's
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.zero_slice = zero_slice
-        self.config = config
-
-    def forward(self, raw: Tensor) -> Tensor:
-        # Note [Bjorck reprojection] in lipnets.parametrizations.orthogonal.
-        ortho = polar(raw, self.config, training=self.training, name="BCOPConv2d.weight")
-        with torch.autocast(raw.device.type, enabled=False):
-            return self.kernel(ortho).to(raw.dtype)
-
-    def kernel(self, ortho: Tensor) -> Tensor:
-        """The layer's weight from the orthogonal stack (Notes [BCOP padding], [BCOP stride])."""
-        c = ortho.shape[-1]
-        h = ortho[0, : self.out_channels]
-        qs = ortho[1:, :, : c // 2]
-        kernel = bcop_kernel(h, qs, self.in_channels)
-        if self.zero_slice:
-            kernel = F.pad(kernel, (1, 0, 1, 0))
-        if self.stride > 1:
-            kernel = strided_from_space_to_depth(kernel, self.stride)
-        return kernel
-
-    def right_inverse(self, value: Tensor) -> Tensor:
-        raw = getattr(self, "_raw_shape", None)
-        if raw is not None and tuple(value.shape) != raw:
-            raise ValueError(
-                "BCOPConv2d.weight is built from raw matrices and cannot be assigned a kernel "
-                f"of shape {tuple(value.shape)}; assign a raw stack of shape {raw} to "
-                "parametrizations.weight.original instead"
-            )
-        self._raw_shape = tuple(value.shape)
-        return value
-
-    def extra_repr(self) -> str:
-        return repr(self.config)
 
 
 class BCOPConv2d(nn.Conv2d):
@@ -217,17 +151,17 @@ class BCOPConv2d(nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        in_channels = _channels(in_channels, "in_channels")
-        out_channels = _channels(out_channels, "out_channels")
-        k = _square(kernel_size, "kernel_size", 1)
-        s = _square(stride, "stride", 1)
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(
-                f"padding_mode must be one of {_PADDING_MODES} (reflect and replicate padding "
-                f"can raise the norm), got {padding_mode!r}"
-            )
-        if not isinstance(config, BjorckConfig):
-            raise TypeError(f"config must be a BjorckConfig, got {type(config).__name__}")
+        in_channels = check_int(in_channels, "in_channels")
+        out_channels = check_int(out_channels, "out_channels")
+        k = check_square(kernel_size, "kernel_size")
+        s = check_square(stride, "stride")
+        check_choice(
+            padding_mode,
+            "padding_mode",
+            _PADDING_MODES,
+            why=" (reflect and replicate padding can raise the norm)",
+        )
+        check_instance(config, "config", BjorckConfig)
         size, pad = self._resolve_padding(padding, k, s, padding_mode)
         super().__init__(
             in_channels,
@@ -247,7 +181,7 @@ class BCOPConv2d(nn.Conv2d):
         parametrize.register_parametrization(
             self,
             "weight",
-            _BCOPKernel(
+            BCOPOrthogonal(
                 out_channels=out_channels,
                 in_channels=s * s * in_channels,
                 kernel_size=k,
@@ -272,7 +206,7 @@ class BCOPConv2d(nn.Conv2d):
         p = 0 if padding == "valid" else padding
         if isinstance(p, str):
             raise ValueError(f"padding must be None, 'same', 'valid' or an int, got {padding!r}")
-        p = _square(p, "padding", 0)
+        p = check_square(p, "padding", 0)
         if mode == "circular" and 2 * p > k - 1:
             raise ValueError(
                 f"padding must satisfy 2 * padding <= kernel_size - 1 = {k - 1} with circular "
@@ -309,9 +243,7 @@ class BCOPConv2d(nn.Conv2d):
     def _input_size(self, input_shape: Sequence[int] | None) -> tuple[int, int] | None:
         if input_shape is None:
             return None
-        shape = tuple(int(n) for n in input_shape)
-        if len(shape) < 2 or min(shape) < 1:
-            raise ValueError(f"input_shape must end with (H, W) >= 1, got {input_shape!r}")
+        shape = check_spatial_shape(input_shape)
         s = self.stride[0]
         if self.padding_mode == "circular" and (shape[-2] % s or shape[-1] % s):
             raise ValueError(

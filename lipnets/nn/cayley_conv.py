@@ -26,12 +26,12 @@ export (and agreed with it to $3 \cdot 10^{-5}$, float32 summation over
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from lipnets._checks import check_int, check_int_pair, check_spatial_shape, check_square
 from lipnets.errors import ShapeRequiredError
 from lipnets.functional.fft_cayley import (
     cayley_frequency_matrices,
@@ -45,36 +45,9 @@ from lipnets.functional.reshape import space_to_depth
 __all__ = ["CayleyConv2d", "FrequencyConv2d"]
 
 
-def _int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
-def _pair(value: object, name: str) -> tuple[int, int]:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, Sequence)
-        or isinstance(value, str)
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in value)
-    ):
-        raise ValueError(f"{name} must be an int >= 1 or a pair of them, got {value!r}")
-    return int(value[0]), int(value[1])
-
-
 def _stride(value: object) -> int:
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        if value[0] != value[1]:
-            raise ValueError(
-                "stride must be an int >= 1 or a pair of equal ints (the stride is applied by "
-                f"space_to_depth, which folds square blocks), got {value!r}"
-            )
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"stride must be an int >= 1 or a pair of equal ints, got {value!r}")
-    return int(value)
+    why = " (the stride is applied by space_to_depth, which folds square blocks)"
+    return check_square(value, "stride", why=why)
 
 
 def _check_divisible(size: tuple[int, int], stride: int, what: str) -> None:
@@ -87,17 +60,7 @@ def _check_divisible(size: tuple[int, int], stride: int, what: str) -> None:
 
 def _size_from_shape(input_shape: Sequence[int], channels: int, name: str) -> tuple[int, int]:
     """(H, W) from an input shape (..., C, H, W), checking C."""
-    try:
-        dims = tuple(input_shape)
-    except TypeError:
-        dims = ()
-    if len(dims) < 2 or any(
-        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims
-    ):
-        raise ValueError(
-            f"input_shape must be a sequence of positive ints ending in (H, W), such as "
-            f"(1, C, H, W), got {input_shape!r}"
-        )
+    dims = check_spatial_shape(input_shape)
     if len(dims) >= 3 and dims[-3] != channels:
         raise ValueError(
             f"{name} expects {channels} input channels, but input_shape={tuple(dims)} has "
@@ -184,11 +147,11 @@ class CayleyConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels = _int(in_channels, "in_channels")
-        self.out_channels = _int(out_channels, "out_channels")
-        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.in_channels = check_int(in_channels, "in_channels")
+        self.out_channels = check_int(out_channels, "out_channels")
+        self.kernel_size = check_int_pair(kernel_size, "kernel_size")
         self.stride = _stride(stride)
-        self.input_size = None if input_size is None else _pair(input_size, "input_size")
+        self.input_size = None if input_size is None else check_int_pair(input_size, "input_size")
         if self.input_size is not None:
             _check_divisible(self.input_size, self.stride, "input_size")
         s = self.stride
@@ -257,7 +220,7 @@ class CayleyConv2d(nn.Module):
         Shape $(H/s, \\lfloor W/(2s) \\rfloor + 1, m, n)$, complex, computed now
         from the kernel (with gradients, if enabled).
         """
-        size = None if input_size is None else _pair(input_size, "input_size")
+        size = None if input_size is None else check_int_pair(input_size, "input_size")
         height, width = self._resolve_size(size, "frequency_matrices")
         s = self.stride
         return cayley_frequency_matrices(self.weight, (height // s, width // s))
@@ -315,7 +278,7 @@ class CayleyConv2d(nn.Module):
         Raises:
             ValueError: if neither gives a size.
         """
-        size = None if input_size is None else _pair(input_size, "input_size")
+        size = None if input_size is None else check_int_pair(input_size, "input_size")
         if size is None and self.input_size is None:
             raise ValueError(
                 "CayleyConv2d.to_vanilla needs an input size, because the exported matrices "
@@ -380,7 +343,7 @@ class FrequencyConv2d(nn.Module):
         if not isinstance(matrices, Tensor) or not matrices.is_complex() or matrices.ndim != 4:
             raise TypeError("matrices must be a complex tensor of shape (H, W // 2 + 1, out, in)")
         self.stride = _stride(stride)
-        self.input_size = _pair(input_size, "input_size")
+        self.input_size = check_int_pair(input_size, "input_size")
         _check_divisible(self.input_size, self.stride, "input_size")
         rows, cols, m, n = matrices.shape
         height, width = (d // self.stride for d in self.input_size)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lipnets._checks import check_instance, check_int
 from lipnets.functional.norms import spectral_norm_bound
 from lipnets.functional.orthogonal import orthogonality_error
 from lipnets.parametrizations.orthogonal import (
@@ -32,9 +33,8 @@ __all__ = ["BjorckLinear", "CayleyLinear"]
 
 
 def _check_features(in_features: int, out_features: int) -> None:
-    for arg, value in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+    check_int(in_features, "in_features")
+    check_int(out_features, "out_features")
 
 
 class _OrthogonalLinear(nn.Linear):
@@ -136,8 +136,7 @@ class BjorckLinear(_OrthogonalLinear):
         dtype: torch.dtype | None = None,
     ) -> None:
         _check_features(in_features, out_features)
-        if not isinstance(config, BjorckConfig):
-            raise TypeError(f"config must be a BjorckConfig, got {type(config).__name__}")
+        check_instance(config, "config", BjorckConfig)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         parametrize.register_parametrization(
             self, "weight", BjorckOrthogonal(config, name="BjorckLinear.weight")

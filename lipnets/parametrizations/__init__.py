@@ -1,5 +1,6 @@
 """Parametrizations for torch.nn.utils.parametrize, with their frozen presets."""
 
+from lipnets.parametrizations.bcop import BCOPOrthogonal
 from lipnets.parametrizations.orthogonal import (
     BJORCK_DEFAULT,
     BJORCK_EXPORT,
@@ -11,6 +12,7 @@ from lipnets.parametrizations.orthogonal import (
 __all__ = [
     "BJORCK_DEFAULT",
     "BJORCK_EXPORT",
+    "BCOPOrthogonal",
     "BjorckConfig",
     "BjorckOrthogonal",
     "CayleyOrthogonal",

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lipnets.functional.orthogonal import _check_options, bjorck, bjorck_retraction, cayley
+from lipnets._checks import check_bjorck_options, check_choice, check_instance
+from lipnets.functional.orthogonal import bjorck, bjorck_retraction, cayley
 
 __all__ = [
     "BJORCK_DEFAULT",
@@ -75,9 +76,8 @@ class BjorckConfig:
     reproject: bool = True
 
     def __post_init__(self) -> None:
-        _check_options(self.order, self.tol, self.iterations, self.max_iterations)
-        if self.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
+        check_bjorck_options(self.order, self.tol, self.iterations, self.max_iterations)
+        check_choice(self.dtype, "dtype", (torch.float32, torch.float64))
 
 
 #: Training preset: order 1, tol 1e-3, float32, reprojection on.
@@ -101,8 +101,7 @@ class WeightConfig:
         return layer.parametrizations.weight[0].config
 
     def __set__(self, layer: nn.Module, value: BjorckConfig) -> None:
-        if not isinstance(value, BjorckConfig):
-            raise TypeError(f"config must be a BjorckConfig, got {type(value).__name__}")
+        check_instance(value, "config", BjorckConfig)
         layer.parametrizations.weight[0].config = value
 
 
@@ -164,8 +163,7 @@ class BjorckOrthogonal(nn.Module):
 
     def __init__(self, config: BjorckConfig = BJORCK_DEFAULT, *, name: str = "weight") -> None:
         super().__init__()
-        if not isinstance(config, BjorckConfig):
-            raise TypeError(f"config must be a BjorckConfig, got {type(config).__name__}")
+        check_instance(config, "config", BjorckConfig)
         self.config = config
         self.name = name
 

@@ -8,7 +8,15 @@ bound (in exact arithmetic: Note [Floating-point rounding] in
 `lipnets.propagation.lirpa`), computed from the weights the model has now.
 """
 
+from lipnets.propagation import rules as _rules  # noqa: F401  (registers the module rules)
 from lipnets.propagation.lirpa import Bounds, crown_bounds, interval_bounds
 from lipnets.propagation.local import local_lipschitz
+from lipnets.propagation.rules import register_propagation
 
-__all__ = ["Bounds", "crown_bounds", "interval_bounds", "local_lipschitz"]
+__all__ = [
+    "Bounds",
+    "crown_bounds",
+    "interval_bounds",
+    "local_lipschitz",
+    "register_propagation",
+]

@@ -1,6 +1,6 @@
 r"""The operations of a propagation graph, each with its forward, interval and adjoint rules.
 
-A propagation graph (built by `lipnets.propagation._graph` from a traced model)
+A propagation graph (built by `lipnets.propagation.builder` from a traced model)
 has one nonlinear operation, `ReLU`; every other node is *affine* in its
 inputs. Sorting activations (MaxMin, GroupSort, FullSort) are rewritten into
 comparator layers made of two affine nodes around a ReLU (Note [Comparators as
@@ -357,7 +357,7 @@ class CircularConv(Affine):
     that commute with circular shifts of the folded input, so their linear part
     is the circular convolution with the impulse responses ``kernel`` (shape
     $(m, n, H/s, W/s)$), which the graph builder measures and checks (Note
-    [Circular convolution kernels] in `lipnets.propagation._graph`). Every tap
+    [Circular convolution kernels] in `lipnets.propagation.rules`). Every tap
     reaches a distinct input, so $|K|$ gives $|W|$ exactly and the squared
     kernel gives the exact row norms.
     """

@@ -3,7 +3,7 @@ r"""Output bounds over norm balls: interval bound propagation (IBP) and CROWN.
 Both functions bound every output of a model (or every row of a linear
 specification $C f$) over the ball $\{x : \|x - x_0\| \le \varepsilon\}$ around
 each input $x_0$ of a batch, in the l-infinity or l2 norm. The model is traced
-into a propagation graph (`lipnets.propagation._graph`): affine nodes, ReLUs,
+into a propagation graph (`lipnets.propagation.graph`): affine nodes, ReLUs,
 and sorting activations rewritten as comparators of ReLUs (Note [Comparators
 as ReLUs] there). See the module docs of `lipnets.propagation._ops` for the
 interval rules of each operation.
@@ -79,8 +79,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lipnets._state import eval_mode, restored_buffers
 from lipnets.propagation import _ops
-from lipnets.propagation._graph import Graph, build
+from lipnets.propagation.graph import Graph, build
 
 __all__ = ["Bounds", "crown_bounds", "interval_bounds"]
 
@@ -332,20 +333,9 @@ def check_spec(spec: object, n: int, m: int, dtype: torch.dtype, device) -> Tens
 
 @contextmanager
 def session(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no autograd, cached parametrizations; modes and buffers restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
-    try:
-        model.eval()
-        with torch.no_grad():  # build caches parametrizations once it has traced
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
+    """Eval mode and no autograd; each submodule's mode and every buffer restored after."""
+    with eval_mode(model), restored_buffers(model), torch.no_grad():
+        yield
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,254 @@
+"""The one op table: every torch function and Tensor method the tracer can meet, classified once.
+
+Each consumer of a traced graph (the Lipschitz fold in `lipnets.bounds`, the
+propagation graph of `lipnets.propagation`) reads the same `OpSpec` for a node
+from `classify` and decides what that kind means for it; an op that is not in
+the table has no rule anywhere. In-place spellings (``x.add_``,
+``operator.iadd``, ``F.relu(x, inplace=True)``) classify as their out-of-place
+op with ``inplace=True``, so the faithfulness rule for them is written once
+(`lipnets.graph.trace`).
+
+Kinds:
+
+* ``"copy"``: the output's entries are entries of the first operand, each used
+  at most once (reshapes, permutations, basic slicing, ``split``);
+* ``"replicate"``: entries of the first operand copied (``expand``,
+  ``repeat``, ``tile``): each entry used ``numel(out) / numel(in)`` times;
+* ``"getitem"``: indexing (advanced indices may repeat entries);
+* ``"cat"``: concatenation or stacking of a sequence of tensors;
+* ``"pad"``: ``F.pad`` (``mode`` decides);
+* ``"alias"``: the same values (``clone``, ``detach``, floating casts);
+* ``"cast"``: a cast to a non-floating dtype (rounds: refused);
+* ``"elementwise"``: a scalar function applied entrywise, with the supremum of
+  its slope in ``slope`` (a number, or a function of the node for slopes given
+  as arguments);
+* ``"sort"``: the sorting activations of `lipnets.functional`;
+* ``"add"``, ``"sub"``, ``"mul"``, ``"div"``, ``"neg"``, ``"pos"``: arithmetic;
+* ``"maxmin"``: ``torch.maximum``/``minimum`` and ``fmax``/``fmin``;
+* ``"clamp"``: ``clamp``/``clip`` (bounds may be tensors that broadcast);
+* ``"reduce"``: ``sum``/``mean``;
+* ``"linear"``: ``F.linear``;
+* ``"fill"``: values that do not depend on the input's values (``zeros_like``),
+  or only on a fill operand (``full_like``, ``new_full``);
+* ``"dropout"``: ``F.dropout`` and friends (random when ``training``);
+* ``"random"``: random draws or uninitialised memory (refused: a graph would
+  freeze one draw).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+import lipnets.functional as LF
+
+__all__ = ["META_ATTRS", "META_METHODS", "OpSpec", "classify", "first_operand"]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What one graph op is, for every consumer of a traced graph."""
+
+    kind: str
+    name: str = ""
+    """The op's canonical name within its kind (``"relu"``, ``"mean"``, ``"add"``)."""
+    slope: float | Callable[[fx.Node], float] | None = None
+    """For ``"elementwise"``: the supremum of the slope (Lipschitz constant)."""
+    inplace: bool = False
+
+
+def _arg(node: fx.Node, name: str, position: int, default: Any) -> Any:
+    return node.kwargs.get(name, node.args[position] if len(node.args) > position else default)
+
+
+def _leaky(node: fx.Node) -> float:
+    return max(1.0, abs(float(_arg(node, "negative_slope", 1, 0.01))))
+
+
+def _elu(node: fx.Node) -> float:
+    return max(1.0, abs(float(_arg(node, "alpha", 1, 1.0))))
+
+
+_COPY = {
+    "reshape", "view", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
+    "unsqueeze", "movedim", "moveaxis", "swapaxes", "swapdims", "flip", "roll", "narrow",
+    "select", "split", "chunk", "unbind", "tensor_split", "view_as", "reshape_as",
+    "pixel_shuffle", "pixel_unshuffle",
+}  # fmt: skip
+_REPLICATE = {"expand", "expand_as", "repeat", "tile", "broadcast_to"}
+_ALIAS = {
+    "clone", "detach", "contiguous", "to", "float", "double", "half", "bfloat16", "type",
+    "type_as", "cpu", "cuda",
+}  # fmt: skip
+_INTEGER_CASTS = {"long", "int", "short", "char", "byte", "bool"}
+_ELEMENTWISE: dict[str, float | Callable[[fx.Node], float]] = {
+    "relu": 1.0, "tanh": 1.0, "abs": 1.0, "absolute": 1.0, "relu6": 1.0, "hardtanh": 1.0,
+    "softsign": 1.0, "logsigmoid": 1.0, "tanhshrink": 1.0, "softshrink": 1.0,
+    "sigmoid": 0.25, "hardsigmoid": 1.0 / 6.0, "leaky_relu": _leaky, "elu": _elu,
+}  # fmt: skip
+_ARITH = {"add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "neg"}
+_ARITH_NAME = {"subtract": "sub", "multiply": "mul", "divide": "div", "true_divide": "div"}
+_ARITH_NAME.update({"negative": "neg"})
+_RANDOM_METHODS = {
+    "uniform_", "normal_", "bernoulli", "bernoulli_", "random_", "exponential_",
+    "geometric_", "cauchy_", "log_normal_", "multinomial", "new_empty", "new_empty_strided",
+}  # fmt: skip
+_FILL_METHODS = {"new_zeros": "zeros", "new_ones": "ones", "new_full": "full"}
+META_METHODS = frozenset(
+    {"size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous"}
+)
+"""Tensor methods whose result is shape metadata, not tensor data."""
+META_ATTRS = frozenset(
+    {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+)  # fmt: skip
+"""Tensor attributes that are metadata."""
+
+
+def _method_spec(name: str) -> OpSpec | None:
+    if name in _COPY:
+        return OpSpec("copy", name)
+    if name in _REPLICATE:
+        return OpSpec("replicate", name)
+    if name in _ALIAS:
+        return OpSpec("alias", name)
+    if name in _INTEGER_CASTS:
+        return OpSpec("cast", name)
+    if name in _ELEMENTWISE:
+        return OpSpec("elementwise", name, _ELEMENTWISE[name])
+    if name in _ARITH or name == "negative":
+        return OpSpec(_ARITH_NAME.get(name, name), name)
+    if name in ("maximum", "minimum", "fmax", "fmin"):
+        return OpSpec("maxmin", name)
+    if name in ("clamp", "clip", "clamp_min", "clamp_max"):
+        return OpSpec("clamp", name)
+    if name in ("sum", "mean"):
+        return OpSpec("reduce", name)
+    if name in _FILL_METHODS:
+        return OpSpec("fill", _FILL_METHODS[name])
+    if name == "__getitem__":
+        return OpSpec("getitem")
+    return None
+
+
+_FUNCTIONS: dict[Any, OpSpec] = {}
+
+
+def _add(kind: str, name: str, *targets: Any, slope: Any = None) -> None:
+    for target in targets:
+        _FUNCTIONS[target] = OpSpec(kind, name, slope)
+
+
+for _name in sorted(_COPY - {"view", "view_as", "reshape_as", "pixel_shuffle", "pixel_unshuffle"}):
+    if hasattr(torch, _name):
+        _add("copy", _name, getattr(torch, _name))
+_add("copy", "pixel_shuffle", F.pixel_shuffle, torch.pixel_shuffle)
+_add("copy", "pixel_unshuffle", F.pixel_unshuffle, torch.pixel_unshuffle)
+_add("replicate", "tile", torch.tile)
+_add("replicate", "broadcast_to", torch.broadcast_to)
+_add("getitem", "getitem", operator.getitem)
+_add("cat", "cat", torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack)
+_add("cat", "cat", torch.vstack)
+_add("pad", "pad", F.pad)
+_add("alias", "clone", torch.clone)
+_add("alias", "detach", torch.detach)
+_add("elementwise", "relu", torch.relu, F.relu, slope=1.0)
+_add("elementwise", "tanh", torch.tanh, F.tanh, slope=1.0)
+_add("elementwise", "abs", torch.abs, torch.absolute, slope=1.0)
+_add("elementwise", "relu6", F.relu6, slope=1.0)
+_add("elementwise", "hardtanh", F.hardtanh, slope=1.0)
+_add("elementwise", "softsign", F.softsign, slope=1.0)
+_add("elementwise", "logsigmoid", F.logsigmoid, slope=1.0)
+_add("elementwise", "tanhshrink", F.tanhshrink, slope=1.0)
+_add("elementwise", "softshrink", F.softshrink, slope=1.0)
+_add("elementwise", "sigmoid", torch.sigmoid, F.sigmoid, slope=0.25)
+_add("elementwise", "hardsigmoid", F.hardsigmoid, slope=1.0 / 6.0)
+_add("elementwise", "leaky_relu", F.leaky_relu, slope=_leaky)
+_add("elementwise", "elu", F.elu, slope=_elu)
+_add("sort", "groupsort", LF.group_sort)
+_add("sort", "maxmin", LF.max_min)
+_add("sort", "fullsort", LF.full_sort)
+_add("add", "add", operator.add, torch.add)
+_add("sub", "sub", operator.sub, torch.sub, torch.subtract)
+_add("mul", "mul", operator.mul, torch.mul, torch.multiply)
+_add("div", "div", operator.truediv, torch.div, torch.divide, torch.true_divide)
+_add("neg", "neg", operator.neg, torch.neg, torch.negative)
+_add("pos", "pos", operator.pos)
+_add("maxmin", "maximum", torch.maximum, torch.fmax)
+_add("maxmin", "minimum", torch.minimum, torch.fmin)
+_add("clamp", "clamp", torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max)
+_add("reduce", "sum", torch.sum)
+_add("reduce", "mean", torch.mean)
+_add("linear", "linear", F.linear)
+_add("fill", "zeros", torch.zeros_like)
+_add("fill", "ones", torch.ones_like)
+_add("fill", "full", torch.full_like)
+_add("dropout", "dropout", F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
+_add("dropout", "dropout", F.feature_alpha_dropout)
+_add(
+    "random", "random", torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal,
+    torch.bernoulli, torch.multinomial, torch.poisson, torch.rand_like, torch.randn_like,
+    torch.randint_like, torch.empty, torch.empty_like, torch.empty_strided,
+)  # fmt: skip
+_INPLACE_FUNCTIONS = {
+    operator.iadd: OpSpec("add", "add", inplace=True),
+    operator.isub: OpSpec("sub", "sub", inplace=True),
+    operator.imul: OpSpec("mul", "mul", inplace=True),
+    operator.itruediv: OpSpec("div", "div", inplace=True),
+    torch.relu_: OpSpec("elementwise", "relu", 1.0, inplace=True),
+    F.relu_: OpSpec("elementwise", "relu", 1.0, inplace=True),
+}
+
+
+def first_operand(node: fx.Node) -> Any:
+    """The op's first operand, passed positionally or as ``input=``/``self=``."""
+    if node.args:
+        return node.args[0]
+    return node.kwargs.get("input", node.kwargs.get("self"))
+
+
+def classify(node: fx.Node) -> OpSpec | None:
+    """The table entry of a ``call_function`` or ``call_method`` node, or None (no rule)."""
+    if node.op == "call_method":
+        name = str(node.target)
+        if name in _RANDOM_METHODS:
+            return OpSpec("random", name)
+        inplace = name.endswith("_") and not name.endswith("__")
+        spec = _method_spec(name[:-1] if inplace else name)
+        if spec is None:
+            return None
+        return OpSpec(spec.kind, spec.name, spec.slope, inplace) if inplace else spec
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target is getattr and len(node.args) > 1:  # x.T, x.data
+        attr = node.args[1]
+        if attr in ("T", "mT", "H", "mH"):
+            return OpSpec("copy", str(attr))
+        return OpSpec("alias", "data") if attr == "data" else None
+    if target in _INPLACE_FUNCTIONS:
+        return _INPLACE_FUNCTIONS[target]
+    try:
+        spec = _FUNCTIONS.get(target)
+    except TypeError:  # an unhashable target
+        return None
+    if spec is None:
+        return None
+    if spec.kind == "elementwise" and _inplace_flag(node):
+        return OpSpec(spec.kind, spec.name, spec.slope, inplace=True)
+    return spec
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    flag = node.kwargs.get("inplace")
+    if flag is None and node.target in (F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.elu):
+        position = {F.relu: 1, F.relu6: 1, F.leaky_relu: 2, F.elu: 2, F.hardtanh: 3}
+        flag = _arg(node, "inplace", position[node.target], False)
+    if isinstance(flag, fx.Node):
+        return True  # decided at run time: treat as in place (the stricter reading)
+    return bool(flag)

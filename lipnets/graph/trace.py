@@ -1,0 +1,422 @@
+"""`trace`: one traced graph per model, reused by every entry point.
+
+`trace(model, input_shape=None)` applies the trust policy (`lipnets.graph.policy`),
+traces the model with torch.fx (trusted modules are leaves), applies the
+faithfulness policy (`lipnets.graph.faithful`) and returns a `TracedGraph`.
+The fx trace does not depend on the input size, so it is kept (for the 16
+models used last) and reused across sizes, radii, batches and calls while the
+model's structure is the same: its submodules, their classes and modes, and
+their plain attributes (which a trace may have read as constants). Shapes and
+the eager-mode check are kept per input size. Weights are read when a consumer
+uses the graph, never cached.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from lipnets._state import restored_buffers
+from lipnets.errors import LipnetsError, UnboundedModuleError, UntraceableModelError
+from lipnets.graph.faithful import InPlaceAudit, StateSnapshot, compare
+from lipnets.graph.ops import classify, first_operand
+from lipnets.graph.policy import (
+    check_model,
+    module_kind,
+    rules_version,
+    trusted_owner,
+    unwrap,
+)
+from lipnets.graph.tracer import functions_run, mutation_in, trace_graph
+
+__all__ = ["TracedGraph", "check_input_shape", "trace", "trace_count"]
+
+_CACHE_SIZE = 16
+_CACHE: OrderedDict[int, tuple[Any, Any, TracedGraph]] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_TRACES = [0]
+
+
+def trace_count() -> int:
+    """How many fx traces lipnets has run in this process (a test counts them)."""
+    return _TRACES[0]
+
+
+def check_input_shape(input_shape: Sequence[int] | None) -> torch.Size | None:
+    """``input_shape`` as a ``torch.Size``, or a ValueError naming what was received."""
+    if input_shape is None:
+        return None
+    try:
+        dims = tuple(input_shape)
+    except TypeError:
+        dims = None
+    if (
+        dims is None
+        or not dims
+        or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims)
+    ):
+        raise ValueError(
+            "input_shape must be a non-empty sequence of positive ints such as (1, 3, 32, 32) "
+            f"or None, got {input_shape!r}"
+        )
+    return torch.Size(dims)
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """A module is a leaf when it is trusted through a rule of any kind (Note [Trust policy])."""
+    return trusted_owner(module) is not None
+
+
+@dataclass(eq=False)
+class TracedGraph:
+    """A model's fx graph, checked by the trust and faithfulness policies.
+
+    The graph is traced from ``nn.Sequential(model)``, so a model that is itself
+    a trusted leaf is one ``call_module`` node; names in messages are the user's.
+    """
+
+    model: nn.Module
+    """The traced model (wrappers such as DataParallel removed)."""
+    gm: fx.GraphModule
+    inplace_ops: int
+    """In-place updates of fresh tensors the graph accepted (rule 1 of the Note)."""
+    traced: list[nn.Module]
+    """The modules traced into (not leaves)."""
+    modes: tuple[bool, ...] = ()
+    """The ``training`` flags of the model and the modules traced into: a trace may have
+    read them (``if self.training:``), so the cached graph serves only the same modes.
+    Leaves run as they are, in whatever mode they are in."""
+    _shapes: dict[Any, dict[fx.Node, torch.Size]] = field(default_factory=dict)
+    _lock: Any = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return module_kind(self.model)
+
+    @property
+    def root(self) -> nn.Module:
+        """What the graph was traced from: the model called as the only submodule."""
+        return nn.Sequential(self.model)
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(str(node.target))
+
+    def leaves(self) -> list[nn.Module]:
+        seen: dict[int, nn.Module] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                m = self.module(node)
+                seen[id(m)] = m
+        return list(seen.values())
+
+    def where(self, node: fx.Node) -> str:
+        """Where ``node`` is, for messages: the module's name and class, or the op inside it."""
+        if node.op == "call_module":
+            return f"{user_name(str(node.target))} ({module_kind(self.module(node))})"
+        target = node.target
+        desc = f"Tensor.{target}" if node.op == "call_method" else getattr(target, "__name__", "")
+        desc = f"node '{node.name}' ({desc or target})"
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            qualname, cls = list(stack.values())[-1][:2]
+            cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+            if qualname not in ("", "0") or len(stack) > 1:
+                return f"{user_name(qualname)} ({cls_name}), {desc}"
+        return desc
+
+    def shapes(self, input_shape: torch.Size) -> dict[fx.Node, torch.Size]:
+        """Every tensor node's shape for inputs of ``input_shape``, after the eager check.
+
+        The check (Note [Graph faithfulness]) runs the graph and the model on one
+        input drawn from a private generator; both run without autograd, every
+        buffer is restored and the global RNG is untouched.
+        """
+        dtype, device = _dtype_device(self.model)
+        key = (tuple(input_shape), dtype, device)
+        with self._lock:
+            if key in self._shapes:
+                return self._shapes[key]
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(input_shape, generator=generator, dtype=dtype, device=device)
+        with restored_buffers(self.model), torch.no_grad(), _dropout_off(self.model):
+            try:
+                reference = self.eager(x)
+            except (LipnetsError, NotImplementedError):
+                raise
+            except Exception as exc:
+                raise ValueError(
+                    f"{self.name} fails on inputs of shape {tuple(input_shape)} (is input_shape "
+                    f"right?): {type(exc).__name__}: {exc}"
+                ) from exc
+            try:
+                out = ShapeProp(self.gm).propagate(x.clone())
+            except Exception as exc:  # the model ran: its graph does not
+                raise UntraceableModelError(
+                    f"the graph torch.fx traced from {self.name} fails where the model runs "
+                    f"(Note [Graph faithfulness]): {type(exc).__name__}: {exc}"
+                ) from exc
+            compare(out, reference, self.name, f"on a random input of shape {tuple(input_shape)}")
+        found = {}
+        for node in self.gm.graph.nodes:
+            meta = node.meta.pop("tensor_meta", None)
+            if isinstance(meta, TensorMetadata):
+                found[node] = meta.shape
+        with self._lock:
+            self._shapes[key] = found
+        return found
+
+    def eager(self, x: Tensor) -> Any:
+        """The model's output on ``x`` in eager mode, with rule 3 of Note [Graph faithfulness]
+        checked: the in-place updates it makes and the state it leaves."""
+        state = StateSnapshot(self.root)
+        audit = InPlaceAudit(self.leaves())
+        try:
+            with torch.no_grad(), audit:
+                reference = self.model(x.clone())  # clone: the caller's x stays as it is
+        finally:
+            audit.close()
+        state.check(self.name)
+        if len(audit.found) != self.inplace_ops:
+            raise UntraceableModelError(
+                f"{self.name} updates tensors in place in eager mode "
+                f"({', '.join(audit.found) or 'none'}) where its traced graph has "
+                f"{self.inplace_ops} in-place update(s) of a fresh tensor: torch.fx recorded "
+                "something else than the model runs (`h += r`, an in-place call in a helper, "
+                "state kept in a tensor; Note [Graph faithfulness]); use out-of-place operations"
+            )
+        return reference
+
+
+def user_name(qualname: str) -> str:
+    """A submodule's name in the user's model (the graph traces it wrapped, as ``0``)."""
+    if qualname in ("0", ""):
+        return "the model"
+    return qualname.removeprefix("0.")
+
+
+def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> TracedGraph:
+    """The checked, traced graph of ``model`` (built once, reused while the model's
+    structure is unchanged).
+
+    Args:
+        model: an ``nn.Module`` (``torch.compile``, ``DataParallel`` and DDP
+            wrappers are unwrapped).
+        input_shape: optional shape of an input batch; with it, shapes are
+            recorded and the graph is checked against the model in eager mode.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: for a bad ``input_shape``, or one the model fails on.
+        UnboundedModuleError: for hooks, ``__call__`` overrides, methods replaced on
+            instances (Note [Trust policy]) and random ops.
+        UntraceableModelError: if fx cannot trace the model or the graph is not
+            faithful (Note [Graph faithfulness]).
+        NonFiniteError: if a parameter or buffer holds NaN or infinite values.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    shape = check_input_shape(input_shape)
+    model = unwrap(model)
+    check_model(model)
+    key = _fingerprint(model)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(id(model))
+        if (
+            hit is not None
+            and hit[0]() is model
+            and hit[1] == key
+            and hit[2].modes == _modes(hit[2])
+        ):
+            _CACHE.move_to_end(id(model))
+            graph = hit[2]
+        else:
+            graph = None
+    if graph is None:
+        graph = _build(model)
+        with _CACHE_LOCK:
+            _CACHE[id(model)] = (weakref.ref(model), key, graph)
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+    if shape is not None:
+        graph.shapes(shape)
+    return graph
+
+
+def _build(model: nn.Module) -> TracedGraph:
+    root = nn.Sequential(model)
+    state = StateSnapshot(root)  # before tracing: a trace can change state too
+    with restored_buffers(model):
+        gm, tracer = trace_graph(root, is_leaf, module_kind(model))
+    _TRACES[0] += 1
+    state.check(module_kind(model))
+    found = mutation_in(functions_run(gm, [*tracer.traced, model]))
+    if found is not None:
+        function, construct = found
+        if construct.startswith("code whose source"):
+            raise UntraceableModelError(
+                f"lipnets cannot read the source of {function}, which the trace of "
+                f"{module_kind(model)} runs, to check it for in-place updates and attribute "
+                "writes that torch.fx may record differently from what eager mode computes "
+                "(Note [Graph faithfulness]); define it in a file"
+            )
+        raise UntraceableModelError(
+            f"{function} uses {construct}, which torch.fx may record differently from what "
+            "eager mode computes (a tensor updated in place and also reached through another "
+            "name, an attribute write), so a bound could be that of another function (Note "
+            "[Graph faithfulness]); write it out of place, e.g. `h = h + r` instead of `h += r`"
+        )
+    graph = TracedGraph(model, gm, 0, [m for m in tracer.traced if m is not model])
+    graph.modes = _modes(graph)
+    graph.inplace_ops = _check_inplace(graph)
+    _refuse_random_and_out(graph)
+    return graph
+
+
+# Torch modules whose output is always a new tensor (never their input or a view of it).
+_FRESH_MODULES = (
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+)  # fmt: skip
+_NEW_KINDS = {
+    "add", "sub", "mul", "div", "neg", "maxmin", "clamp", "cat", "linear", "elementwise",
+    "reduce", "sort",
+}  # fmt: skip
+_VIEW_KINDS = {"copy", "getitem", "alias", "replicate"}
+
+
+def _inplace_module(module: nn.Module) -> bool:
+    """torch.nn's own classes honour their ``inplace`` flag; nobody else's counts."""
+    return type(module).__module__.startswith("torch.nn.") and bool(
+        getattr(module, "inplace", False)
+    )
+
+
+def _check_inplace(graph: TracedGraph) -> int:
+    """Rule 1 of Note [Graph faithfulness]; returns the number of accepted in-place ops."""
+    fresh: set[fx.Node] = set()
+    accepted = 0
+    for node in graph.gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.op == "call_module":
+            module = graph.module(node)
+            inplace = _inplace_module(module)
+            new = not inplace and type(module).__module__.startswith("torch.nn.")
+            new = new and isinstance(module, _FRESH_MODULES)
+            kind = None
+        else:
+            spec = classify(node)
+            inplace = spec is not None and spec.inplace
+            kind = spec.kind if spec is not None else None
+            new = (kind in _NEW_KINDS and not inplace) or (kind == "alias" and spec.name == "clone")
+        source = first_operand(node)
+        if inplace:
+            others = [u for u in getattr(source, "users", {}) if u is not node]
+            if not isinstance(source, fx.Node) or others or source not in fresh:
+                users = ", ".join(repr(u.name) for u in others) or "an alias"
+                name = getattr(source, "name", "an operand")
+                raise UntraceableModelError(
+                    f"{graph.where(node)} modifies '{name}' in place, and that memory is also "
+                    f"reached through {users}; a traced graph cannot follow in-place updates "
+                    "there (Note [Graph faithfulness]), so use the out-of-place version"
+                )
+            accepted += 1
+            if len(source.users) == 1:
+                fresh.add(node)  # the updated fresh tensor, read once more at most
+        elif new:
+            fresh.add(node)
+        elif kind in _VIEW_KINDS and isinstance(source, fx.Node):
+            # An unshared view of a fresh tensor: updating it changes nothing another
+            # node reads (Linear -> Dropout -> ReLU(inplace=True)).
+            if source in fresh and len(source.users) == 1:
+                fresh.add(node)
+        elif node.op == "call_module" and isinstance(source, fx.Node):
+            if source in fresh and len(source.users) == 1 and _passes_through(graph.module(node)):
+                fresh.add(node)
+    return accepted
+
+
+def _passes_through(module: nn.Module) -> bool:
+    """torch.nn modules that return their input or a view of it (Identity, Dropout, Flatten)."""
+    return type(module).__module__.startswith("torch.nn.") and isinstance(
+        module, (nn.Identity, nn.modules.dropout._DropoutNd, nn.Flatten, nn.Unflatten)
+    )
+
+
+def _refuse_random_and_out(graph: TracedGraph) -> None:
+    for node in graph.gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        if "out" in node.kwargs:
+            raise UntraceableModelError(
+                f"{graph.where(node)} writes into `out=`, which torch.fx does not follow "
+                "(Note [Graph faithfulness]); use the returned value instead"
+            )
+        spec = classify(node)
+        random = spec is not None and spec.kind == "random"
+        if spec is not None and spec.kind == "dropout":
+            training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+            random = isinstance(training, fx.Node) or bool(training)
+        if random:
+            raise UnboundedModuleError(
+                f"{graph.where(node)} has no bound rule: it draws random numbers (or reads "
+                "uninitialised memory), which a traced graph would freeze at one draw"
+            )
+
+
+def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    ref = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    if ref is None:
+        return torch.get_default_dtype(), torch.device("cpu")
+    return ref.dtype, ref.device
+
+
+class _dropout_off:
+    """Dropout layers in training mode in eval mode for a check (Note [Graph faithfulness])."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training
+        ]
+
+    def __enter__(self) -> None:
+        for m in self.modules:
+            m.training = False
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.modules:
+            m.training = True
+
+
+def _modes(graph: TracedGraph) -> tuple[bool, ...]:
+    return tuple(m.training for m in [graph.model, *graph.traced])
+
+
+def _fp(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) <= 64:
+        return tuple(_fp(v) for v in value)
+    return ("id", id(value))
+
+
+def _fingerprint(model: nn.Module) -> Any:
+    """What a trace depends on besides weights (see the module docs)."""
+    items = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        attrs = tuple(
+            (k, _fp(v)) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
+        )
+        items.append((name, id(m), type(m), attrs, tuple(m._parameters)))
+    return (rules_version(), tuple(items))
