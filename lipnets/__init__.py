@@ -34,7 +34,7 @@ from lipnets.nn import (
     L2NormPool2d,
     MaxMin,
 )
-from lipnets.reporting import (
+from lipnets.reports import (
     CertificationReport,
     GuaranteeReport,
     LayerReport,

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ArgumentTypeError",
     "ExportError",
+    "InvalidModelError",
     "LipnetsError",
     "LipnetsWarning",
     "NonFiniteError",
@@ -73,3 +74,9 @@ class ExportError(LipnetsError, TypeError):
     The message names the module and why (a ``forward`` of its own under an inherited
     ``to_vanilla()``, or hooks).
     """
+
+
+class InvalidModelError(LipnetsError, ValueError):
+    """A model does not fit what an entry point needs: it fails on the given input shape,
+    it mixes the samples of a batch, or it has no final linear layer for a last-layer
+    certificate. The message names the model and what it needs."""

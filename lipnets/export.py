@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lipnets.errors import ExportError
-from lipnets.graph import hooks_of, method_owner, module_kind, trusted
+from lipnets.graph import check_finite, hooks_of, method_owner, module_kind, trusted
 
 __all__ = ["freeze_parametrizations", "to_vanilla"]
 
@@ -65,6 +65,8 @@ def to_vanilla(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        check_finite(tensor, name)  # NonFiniteError: nothing to export faithfully
     return _convert(copy.deepcopy(model), {})
 
 

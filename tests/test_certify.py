@@ -235,8 +235,15 @@ def test_bad_inputs_get_clear_errors():
         certified_accuracy(model, x, labels[:2], 0.1)
     with pytest.raises(ValueError, match="labels are required"):
         certified_accuracy(model, x, eps=0.1)
-    with pytest.raises(ValueError, match=r"nn\.Sequential"):
-        certified_accuracy(model, x, labels, 0.1, mode="last_layer")
+    # The last layer is found in the traced graph: the output must be a trusted nn.Linear's.
+    with pytest.raises(ValueError, match=r"final nn\.Linear"):
+        certified_accuracy(nn.Sequential(model, nn.ReLU()), x, labels, 0.1, mode="last_layer")
+    hooked = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 3))
+    hooked[2].register_forward_hook(lambda m, i, o: 5 * o)
+    with pytest.raises(lipnets.errors.UnboundedModuleError, match="hooks"):
+        certified_accuracy(hooked, x, labels, 0.1, mode="last_layer")
+    with pytest.raises(lipnets.errors.UnboundedModuleError, match="hook"):
+        certified_radius(logits, labels, 1.0, mode="last_layer", last_layer=hooked[2])
     with pytest.raises(ValueError, match="empty"):
         certified_accuracy(model, x[:0], labels[:0], 0.1)
 

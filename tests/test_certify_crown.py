@@ -20,7 +20,7 @@ import lipnets
 from lipnets.certify import certified_accuracy, certify_crown
 from lipnets.estimators import pgd_l2
 from lipnets.functional import margin
-from lipnets.reporting import CertificationReport, CertificationRow, certification_report
+from lipnets.reports import CertificationReport, CertificationRow, certification_report
 
 from .helpers import as_float64, trained_digits_model
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lipnets
-from lipnets.functional import conv_norms
+from lipnets.functional import _conv_symbol
 from lipnets.functional.conv_norms import conv2d_spectral_norm_bound
 from tests.helpers import dense_jacobian, spectral_norm
 
@@ -298,15 +298,15 @@ def test_cholesky_certificate_path(monkeypatch):
     # independent per-frequency SVD.
     conv = make_conv(12, 9, 3, seed=3, padding=1, padding_mode="circular")
     exact = circular_fft_norm(conv.weight, (12, 10))
-    monkeypatch.setattr(conv_norms, "_DIRECT_EIG_MAX", 0)
+    monkeypatch.setattr(_conv_symbol, "_DIRECT_EIG_MAX", 0)
     bound = bound_of(conv, (12, 10))
     assert exact * (1 - SVD_NOISE) <= bound <= exact * (1 + 1e-4)
     # Poor estimates: failed certificates, more rounds with larger shifts. Still sound.
-    monkeypatch.setattr(conv_norms, "_SUBSPACE_ITERS", 1)
+    monkeypatch.setattr(_conv_symbol, "_SUBSPACE_ITERS", 1)
     assert bound_of(conv, (12, 10)) >= exact * (1 - SVD_NOISE)
     # Useless estimates: every certificate fails and eigvalsh decides. Sound and exact.
     monkeypatch.setattr(
-        conv_norms, "_subspace_top", lambda gram, iters, gen: torch.zeros(gram.shape[0])
+        _conv_symbol, "_subspace_top", lambda gram, iters, gen: torch.zeros(gram.shape[0])
     )
     bound = bound_of(conv, (12, 10))
     assert exact * (1 - SVD_NOISE) <= bound <= exact * (1 + 1e-8)

@@ -179,3 +179,17 @@ def test_bad_models():
         lipnets.report(_LongOutput(), torch.randn(2, 4), steps=2)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         lipnets.report(lambda t: t, torch.randn(2, 4))  # type: ignore[arg-type]
+
+
+def test_reporting_is_an_alias_of_reports():
+    """``lipnets.reporting`` (deprecated) re-exports ``lipnets.reports``; ``lipnets.report``
+    stays the function, not the package."""
+    import lipnets.reporting
+    import lipnets.reports
+
+    assert callable(lipnets.report) and lipnets.report is lipnets.reports.report
+    assert lipnets.certification_report is lipnets.reports.certification_report
+    for name in lipnets.reports.__all__:
+        assert getattr(lipnets.reporting, name) is getattr(lipnets.reports, name)
+        if name in lipnets.__all__:
+            assert getattr(lipnets, name) is getattr(lipnets.reports, name)

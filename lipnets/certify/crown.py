@@ -51,14 +51,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lipnets._modes import eval_mode
+from lipnets._state import eval_mode
 from lipnets.functional.margins import (
-    _check_scores,
     binary_signs,
+    check_scores,
     class_indices,
     is_binary,
     margin,
 )
+from lipnets.graph import trace
 from lipnets.propagation.lirpa import check_args, check_norm, crown_bounds, interval_bounds
 
 __all__ = ["certify_crown"]
@@ -152,12 +153,13 @@ def certify_crown(
     bounds_of = _METHODS[method.lower()]
     q = check_norm(norm)
     x, radius = check_args(model, x, eps)
+    trace(model)  # the front end's policies first (hooks, NaN weights), before any forward
     n = x.shape[0]
     with eval_mode(model), torch.no_grad():
         scores = model(x)
     if not isinstance(scores, Tensor):
         raise TypeError(f"the model must return a tensor of scores, got {type(scores).__name__}")
-    _check_scores(scores)
+    check_scores(scores)
     if scores.shape[0] != n:
         raise ValueError(
             f"the model must map N inputs to N rows of scores, got input shape "

@@ -46,11 +46,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lipnets._modes import eval_mode
 from lipnets._progress import progress_bar
+from lipnets._state import eval_mode
 from lipnets.bounds import compose, last_linear
-from lipnets.errors import UnboundedModuleError
-from lipnets.functional.margins import _check_scores, class_indices, is_binary, margin
+from lipnets.errors import InvalidModelError, UnboundedModuleError
+from lipnets.functional.margins import check_scores, class_indices, is_binary, margin
 from lipnets.graph import module_kind, trace, trusted, unwrap
 
 __all__ = ["certified_accuracy", "certified_radius"]
@@ -80,7 +80,7 @@ def _check_mode(mode: object) -> str:
     return str(mode)
 
 
-def _check_lipschitz(lipschitz: object, n: int) -> Tensor:
+def check_lipschitz(lipschitz: object, n: int) -> Tensor:
     """A positive bound, 0-dim or one per sample, as a float64 CPU tensor."""
     if isinstance(lipschitz, bool):
         raise TypeError("lipschitz must be a number or a tensor, got a bool")
@@ -192,9 +192,9 @@ def certified_radius(
     """
     norm = _check_norm(norm)
     mode = _check_mode(mode)
-    scores = _check_scores(logits).detach()
+    scores = check_scores(logits).detach()
     n = scores.shape[0]
-    bound = _check_lipschitz(lipschitz, n)
+    bound = check_lipschitz(lipschitz, n)
     if norm == math.inf:
         if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
             raise ValueError(
@@ -299,7 +299,8 @@ def _check_eps(eps: object) -> list[float]:
     return out
 
 
-def _device(model: nn.Module) -> torch.device | None:
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter or buffer; ``None`` if it has neither."""
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return None
@@ -377,13 +378,13 @@ def certified_accuracy(
     if mode == "last_layer":
         found = last_linear(traced)
         if found is None:
-            raise ValueError(
+            raise InvalidModelError(
                 'mode="last_layer" needs a model whose output is the output of a final '
                 "nn.Linear that lipnets trusts (no forward of its own, no hook; Note [Trust "
                 f"policy]), got {module_kind(core)}"
             )
         last_layer = found[0]
-    device = _device(core)
+    device = model_device(core)
     batches = _batches(inputs, labels, batch_size)
     bar = progress_bar(progress, _batch_count(inputs, batch_size), "certified_accuracy")
     counts = [0] * len(radii)
@@ -396,7 +397,7 @@ def certified_accuracy(
                 "certified_accuracy takes one Lipschitz bound for the model, "
                 f"got a tensor of shape {tuple(lipschitz.shape)}"
             )
-        given = _check_lipschitz(
+        given = check_lipschitz(
             lipschitz.reshape(()) if isinstance(lipschitz, Tensor) else lipschitz, 1
         )
     with eval_mode(core), torch.no_grad():

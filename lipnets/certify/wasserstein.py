@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lipnets._checks import check_int, check_real, check_tensor
-from lipnets._modes import eval_mode
+from lipnets._state import eval_mode
 from lipnets.bounds import lipschitz_bound
 
 __all__ = ["wasserstein_estimate"]

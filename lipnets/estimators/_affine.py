@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lipnets.graph import trusted
 from lipnets.nn import CayleyConv2d, FrequencyConv2d, InvertibleDownsample
 
 _PROBES = 3
@@ -95,7 +96,18 @@ def is_affine(
     generator: torch.Generator | None = None,
 ) -> bool:
     """Whether `module` is affine on inputs of `input_shape` (Note [Affinity probe])."""
-    if not isinstance(module, AFFINE_MODULES):
+    # The forward in effect must be that of a known affine class of torch.nn or lipnets,
+    # and the module must be trusted with it (Note [Trust policy] in lipnets.graph.policy).
+    owner = next(
+        (
+            c
+            for c in type(module).__mro__
+            if c.__module__.startswith(("torch.nn.", "lipnets."))
+            and c.__module__ != "torch.nn.utils.parametrize"  # parametrize's own subclass
+        ),
+        None,
+    )
+    if owner is None or not issubclass(owner, AFFINE_MODULES) or not trusted(module, owner):
         return False
     tol = _tolerance(dtype)
     zero = torch.zeros(input_shape, dtype=dtype, device=device)

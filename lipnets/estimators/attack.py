@@ -90,8 +90,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lipnets._modes import eval_mode
 from lipnets._progress import progress_bar
+from lipnets._state import eval_mode
 from lipnets.functional.margins import class_indices, is_binary, margin
 
 __all__ = ["pgd_l2"]

@@ -43,7 +43,7 @@ from lipnets.estimators.power import (
 )
 from lipnets.graph import module_kind
 
-__all__ = ["autolip"]
+__all__ = ["autolip", "autolip_leaves"]
 
 
 @dataclass(frozen=True)
@@ -120,11 +120,11 @@ def autolip(
         Scaman & Virmaux, "Lipschitz regularity of deep neural networks:
         analysis and efficient estimation", NeurIPS 2018 (Algorithm 1).
     """
-    value, _ = _autolip(model, input_shape, iters=iters, tol=tol, generator=generator)
+    value, _ = autolip_leaves(model, input_shape, iters=iters, tol=tol, generator=generator)
     return value
 
 
-def _autolip(
+def autolip_leaves(
     model: nn.Module,
     input_shape: Sequence[int],
     *,
@@ -132,6 +132,14 @@ def _autolip(
     tol: float,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, list[_Leaf]]:
+    """The AutoLip estimate and, in graph order, the value each leaf module contributed.
+
+    Each leaf record has ``name``, ``kind``, ``value`` (its power-iteration
+    estimate when ``affine``, else its known constant) and ``input_shape``.
+    The guarantee report ([`lipnets.report`][lipnets.reports.guarantee.report])
+    reads them; [`autolip`][lipnets.estimators.autolip.autolip] returns the
+    estimate alone.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     shape = _check_input_shape(input_shape)

@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 
 # Plain-torch utility (imports torch only); not a bound.
 from lipnets._progress import progress_bar
+from lipnets.errors import InvalidModelError
 from lipnets.export import freeze_parametrizations
 
 __all__ = ["LowerBound", "lower_bound"]
@@ -251,7 +252,7 @@ def _check_output(fn: Callable[[Tensor], Tensor], data: Tensor) -> None:
             f"the model's output must be floating point (a continuous function), got {out.dtype}"
         )
     if out.ndim < 1 or out.shape[0] != data.shape[0]:
-        raise ValueError(
+        raise InvalidModelError(
             f"the model must map a batch of B samples to B outputs, got input shape "
             f"{tuple(data.shape)} and output shape {tuple(out.shape)}"
         )

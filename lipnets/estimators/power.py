@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lipnets._modes import eval_mode as _eval_mode
+from lipnets._state import eval_mode as _eval_mode
 
 __all__ = ["jacobian_norm", "power_iteration"]
 

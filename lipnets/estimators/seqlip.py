@@ -49,6 +49,7 @@ from lipnets.estimators.power import (
     _default_dtype_device,
     _eval_mode,
 )
+from lipnets.graph import trace
 
 __all__ = ["seqlip"]
 
@@ -288,7 +289,8 @@ def seqlip(
         )
     _check_count("max_width", max_width, 1)
     dtype, device = _default_dtype_device(model)
-
+    with _eval_mode(model):
+        trace(model, shape)  # the front end's policies: hooks, replaced methods, NaN, in place
     with _eval_mode(model), parametrize.cached():
         blocks = _blocks(model, shape, dtype, device, generator)
         for block in blocks:

@@ -12,6 +12,11 @@ computes those matrices (`cayley_frequency_matrices`), applies them
 `orthogonality_error` measure them (they accept stacks of complex
 matrices). `lipnets.nn.CayleyConv2d` is the module.
 
+The real-FFT symmetry of the matrices is kept by `lipnets.functional._fft_symmetry`
+(Note [Real-FFT symmetry]); the hand-written backward passes are in
+`lipnets.functional._fft_autograd` (Note [Frequency convolution backward], Note
+[Hand-written backward and torch.func]).
+
 # Note [Kernel transform]
 
 The raw kernel $K$ of shape $(m, n, k_h, k_w)$ means what it means for
@@ -59,39 +64,6 @@ The inverse is well conditioned: $\mathrm{Re}\, z^H (I + A) z = \|z\|^2 +
 \|V z\|^2 \ge \|z\|^2$, so $\sigma_{\min}(I + A) \ge 1$ and
 $\|R\|_2 \le 1$; the rounding error of $Q$ grows with $1 + \|A\|_2$ only.
 
-# Note [Real-FFT symmetry]
-
-Real signals have Hermitian spectra, so `rfft2` keeps only the columns
-$v = 0, \dots, \lfloor W/2 \rfloor$. Within the columns that are their own
-conjugate ($v = 0$, and $v = W/2$ for even $W$) the rows $u$ and $-u \bmod H$
-are both stored and must hold conjugate matrices, and the bins that are their
-own conjugate ($u \in \{0, H/2\}$ there) must hold real matrices; otherwise
-`irfft2` silently applies the Hermitian average $(Q_{u} +
-\overline{Q_{-u}})/2$ (and $\mathrm{Re}\, Q_u$) instead of $Q_u$. Both are
-averages of matrices of norm at most $\max \sigma$, so the bound would stay
-sound, but the realised operator would not be the one described. The
-matrices are therefore computed at every bin and then, in the self-conjugate
-columns only (a few bins), the mirrored bin is overwritten with the exact
-conjugate of its partner and the self-conjugate bins with their real part
-(their phase tables are exactly real, so this changes nothing beyond
-rounding). The matrices that `fft_conv2d` multiplies are then exactly the
-blocks of a real linear operator, the one whose norm the bound describes.
-
-# Note [Frequency convolution backward]
-
-With Hermitian-consistent matrices the map $x \mapsto \mathrm{irfft2}(Q\,
-\mathrm{rfft2}(x))$ is a real operator $T = F^{-1} D F$ ($D$ the full
-block-diagonal of $Q$ and its conjugates), so $T^\top = F^{-1} D^H F$: the
-input gradient is the same convolution with every $Q^H$. This costs one real
-FFT each way, where autograd through `rfft2` pads to the full spectrum and
-runs a complex FFT. The gradient of $Q$ is $\hat G\, \hat X^H$ per frequency,
-with $\hat G$ = `rfft2` of the output gradient scaled as torch's `irfft2`
-backward scales it ($1/(HW)$, doubled off the self-conjugate columns), so it
-equals what autograd would give. Conjugates are taken physically, once:
-batched products with conjugate views copy every matrix separately on CPU.
-The tests compare both gradients with autograd through the plain ops and run
-`gradcheck` in float64.
-
 # Note [Sound frequency bound]
 
 The operator realised by `fft_conv2d` with given matrices (in exact
@@ -108,7 +80,6 @@ same as in any float32 convolution).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -117,6 +88,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lipnets._checks import check_int, check_int_pair, check_tensor
+from lipnets.functional._fft_autograd import (
+    _conj,
+    _frequency_conv,
+    _FrequencyConv,
+    _inverse,
+    _matmul,
+    _transforms_active,
+)
+from lipnets.functional._fft_symmetry import _make_hermitian
 from lipnets.functional.reshape import space_to_depth
 
 __all__ = [
@@ -145,157 +125,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _device_type(tensor: object) -> str:
     return tensor.device.type if isinstance(tensor, Tensor) else "cpu"
-
-
-@functools.lru_cache(maxsize=64)
-def _symmetry_tables_cpu(height: int, width: int) -> tuple[Tensor, ...]:
-    cols = width // 2 + 1
-    u = torch.arange(height).unsqueeze(1).expand(height, cols)
-    v = torch.arange(cols).unsqueeze(0).expand(height, cols)
-    self_col = (v == 0) | (2 * v == width)
-    partner_u = (-u) % height
-    mirrored = self_col & (u > partner_u)
-    real = self_col & (u == partner_u)
-    return (
-        (u * cols + v)[mirrored],
-        (partner_u * cols + v)[mirrored],
-        (u * cols + v)[real],
-    )
-
-
-def _symmetry_tables(height: int, width: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Flat bin indices of Note [Real-FFT symmetry] for an `rfft2` grid of (height, width).
-
-    Returns `mirrored` (bins $(u, v)$ of a self-conjugate column with
-    $u > -u \\bmod H$), `partner` (their conjugate partners, in the same order)
-    and `real` (the bins that are their own conjugate). They depend on the size
-    only, so they are built once per size on the CPU (no weights are cached).
-    """
-    return tuple(t.to(device) for t in _symmetry_tables_cpu(height, width))
-
-
-def _fix_bins(parts: Tensor, mirrored: Tensor, partner: Tensor, real: Tensor) -> None:
-    """In place on a real view (bins, ..., 2): mirrored := conj(partner), real bins := real."""
-    conj = torch.tensor([1.0, -1.0], dtype=parts.dtype, device=parts.device)
-    parts[mirrored] = parts[partner] * conj
-    parts[real, ..., 1] = 0.0
-
-
-class _Hermitian(torch.autograd.Function):
-    """Note [Real-FFT symmetry] as an autograd op that edits only the few special bins.
-
-    Written out because autograd's own in-place indexing copies the whole
-    gradient several times in the backward pass. The forward edits `q` in
-    place unless it is a view (then a copy); the backward copies the gradient
-    once, sends each mirrored bin's gradient, conjugated, to its partner, and
-    drops the imaginary gradient of the self-conjugate bins.
-    """
-
-    @staticmethod
-    def forward(ctx, q, mirrored, partner, real):  # type: ignore[override]
-        in_place = q._base is None
-        out = q if in_place else q.clone()
-        _fix_bins(torch.view_as_real(out), mirrored, partner, real)
-        if in_place:
-            ctx.mark_dirty(q)
-        ctx.save_for_backward(mirrored, partner, real)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        mirrored, partner, real = ctx.saved_tensors
-        parts = torch.view_as_real(grad.clone())
-        conj = torch.tensor([1.0, -1.0], dtype=parts.dtype, device=parts.device)
-        parts[partner] = parts[partner] + parts[mirrored] * conj
-        parts[mirrored] = 0.0
-        parts[real, ..., 1] = 0.0
-        return torch.view_as_complex(parts), None, None, None
-
-
-def _transforms_active() -> bool:
-    """Whether a torch.func transform (vmap, jvp, jacrev, ...) is running.
-
-    # Note [Hand-written backward and torch.func]
-
-    The autograd Functions of this module only make the backward pass cheaper
-    (fewer copies, conjugates taken physically); they have no forward-mode or
-    vmap rule. Under a torch.func transform the same maths runs as plain torch
-    ops instead, which every transform supports: the function computed is the
-    same, only the backward's memory traffic differs.
-    """
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
-
-
-def _conj(t: Tensor) -> Tensor:
-    """The conjugate, physical for the hand-written products, lazy under torch.func."""
-    return t.conj() if _transforms_active() else t.conj_physical()
-
-
-def _matmul(a: Tensor, b: Tensor) -> Tensor:
-    return a @ b if _transforms_active() else _Matmul.apply(a, b)
-
-
-def _inverse(m: Tensor) -> Tensor:
-    return torch.linalg.inv(m) if _transforms_active() else _Inverse.apply(m)
-
-
-def _make_hermitian(q: Tensor, height: int, width: int) -> Tensor:
-    """Mirrored bins := conjugate of their partner, self-conjugate bins := real part.
-
-    `q` is a freshly computed (H * (W//2 + 1), m, n) complex tensor that no
-    backward pass saved (Note [Real-FFT symmetry]).
-    """
-    mirrored, partner, real = _symmetry_tables(height, width, q.device)
-    if not _transforms_active():
-        return _Hermitian.apply(q, mirrored, partner, real)
-    parts = torch.view_as_real(q)  # (bins, m, n, 2)
-    conj = torch.tensor([1.0, -1.0], dtype=parts.dtype, device=parts.device)
-    parts = parts.index_put((mirrored,), parts[partner] * conj)
-    keep_imag = torch.ones(parts.shape[0], dtype=parts.dtype, device=parts.device)
-    keep_imag = keep_imag.index_fill(0, real, 0.0)
-    scale = torch.stack((torch.ones_like(keep_imag), keep_imag), dim=-1)
-    parts = parts * scale.reshape(-1, *[1] * (parts.ndim - 2), 2)
-    return torch.view_as_complex(parts.contiguous())
-
-
-class _Inverse(torch.autograd.Function):
-    """Batched matrix inverse whose backward avoids conjugate views.
-
-    The derivative is the usual $-R^H G R^H$; the conjugate is taken once,
-    physically, so the batched products see plain transposed operands (a
-    conjugate view makes torch copy every matrix of the batch separately on
-    CPU). The backward is built from differentiable ops, so double backward
-    works.
-    """
-
-    @staticmethod
-    def forward(ctx, m):  # type: ignore[override]
-        r = torch.linalg.inv(m)
-        ctx.save_for_backward(r)
-        return r
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (r,) = ctx.saved_tensors
-        rh = r.conj_physical().mT if r.is_complex() else r.mT
-        return (rh @ (grad @ rh)).neg_()  # a fresh product: negate in place
-
-
-class _Matmul(torch.autograd.Function):
-    """Batched complex product whose backward takes conjugates physically (see `_Inverse`)."""
-
-    @staticmethod
-    def forward(ctx, a, b):  # type: ignore[override]
-        ctx.save_for_backward(a, b)
-        return a @ b
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        a, b = ctx.saved_tensors
-        grad_a = grad @ b.conj_physical().mT if ctx.needs_input_grad[0] else None
-        grad_b = a.conj_physical().mT @ grad if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
 
 
 def _cayley_tall(z: Tensor, skew: Tensor) -> Tensor:
@@ -455,70 +284,6 @@ def cayley_frequency_matrices(kernel: Tensor, size: int | Sequence[int]) -> Tens
         layers with the Cayley transform. *ICLR*.
     """
     return _frequency_matrices(kernel, size, cayley=True)
-
-
-def _frequency_conv(x: Tensor, q: Tensor) -> Tensor:
-    """The forward of `_FrequencyConv` in plain torch ops (Note [Hand-written backward and
-    torch.func])."""
-    height, width = x.shape[-2:]
-    x_hat = torch.fft.rfft2(x)  # (B, n, H, C)
-    y_hat = torch.einsum("hcmn,bnhc->bmhc", q, x_hat)
-    return torch.fft.irfft2(y_hat, s=(height, width))
-
-
-class _FrequencyConv(torch.autograd.Function):
-    """$y = \\mathrm{irfft2}(Q\\, \\mathrm{rfft2}(x))$ with a hand-written adjoint.
-
-    See Note [Frequency convolution backward]. The backward is built from
-    differentiable ops (itself included), so double backward works.
-    """
-
-    @staticmethod
-    def forward(ctx, x, q):  # type: ignore[override]
-        batch, n, height, width = x.shape
-        cols, m = q.shape[1], q.shape[2]
-        freq = height * cols
-        x_hat = torch.fft.rfft2(x).permute(2, 3, 1, 0).reshape(freq, n, batch).contiguous()
-        y_hat = q.reshape(freq, m, n) @ x_hat
-        y_hat = y_hat.reshape(height, cols, m, batch).permute(3, 2, 0, 1)
-        keep = ctx.needs_input_grad[1]
-        ctx.save_for_backward(x if keep else None, x_hat if keep else None, q)
-        ctx.width = width
-        return torch.fft.irfft2(y_hat, s=(height, width))
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x, x_hat, q = ctx.saved_tensors
-        height, cols, m, n = q.shape
-        width = ctx.width
-        batch = grad.shape[0]
-        freq = height * cols
-        differentiable = torch.is_grad_enabled()  # double backward: build from tracked ops
-        grad_x = grad_q = None
-        g_hat = None
-        if ctx.needs_input_grad[1] or not differentiable:
-            g_hat = torch.fft.rfft2(grad).permute(2, 3, 1, 0).reshape(freq, m, batch).contiguous()
-        if ctx.needs_input_grad[0]:
-            # The adjoint of the real operator: the same map with Q^H.
-            q_h = q.conj_physical().mT
-            if differentiable:
-                grad_x = _FrequencyConv.apply(grad, q_h)
-            else:
-                gx_hat = q_h.reshape(freq, n, m) @ g_hat
-                gx_hat = gx_hat.reshape(height, cols, n, batch).permute(3, 2, 0, 1)
-                grad_x = torch.fft.irfft2(gx_hat, s=(height, width))
-        if ctx.needs_input_grad[1]:
-            if differentiable:  # x_hat must depend on x
-                x_hat = torch.fft.rfft2(x).permute(2, 3, 1, 0).reshape(freq, n, batch)
-            grad_q = (g_hat @ x_hat.conj_physical().mT).reshape(height, cols, m, n)
-            # irfft2's adjoint in torch's convention: 1/(HW), doubled off the
-            # self-conjugate columns (those are stored once for two frequencies).
-            weight = torch.full((cols,), 2.0, dtype=grad_q.real.dtype, device=q.device)
-            weight[0] = 1.0
-            if width % 2 == 0:
-                weight[-1] = 1.0
-            grad_q = grad_q * (weight / (height * width)).reshape(1, cols, 1, 1)
-        return grad_x, grad_q
 
 
 def fft_conv2d(x: Tensor, matrices: Tensor) -> Tensor:

@@ -29,10 +29,15 @@ from torch import Tensor
 
 from lipnets._checks import check_tensor
 
-__all__ = ["binary_signs", "class_indices", "is_binary", "margin"]
+__all__ = ["binary_signs", "check_scores", "class_indices", "is_binary", "margin"]
 
 
-def _check_scores(scores: object) -> Tensor:
+def check_scores(scores: object) -> Tensor:
+    """``scores`` if it is a floating-point tensor of shape ``(N, C)``, ``(N,)`` or ``(N, 1)``.
+
+    The shapes of Note [Label conventions], with ``N >= 1``; anything else raises
+    a ``TypeError`` (not a floating-point tensor) or a ``ValueError`` (shape).
+    """
     scores = check_tensor(scores, "scores", floating=True)
     if scores.ndim not in (1, 2) or scores.shape[0] == 0:
         raise ValueError(
@@ -44,7 +49,7 @@ def _check_scores(scores: object) -> Tensor:
 
 def is_binary(scores: Tensor) -> bool:
     """True for one score per sample, shape ``(N,)`` or ``(N, 1)``: a binary classifier."""
-    scores = _check_scores(scores)
+    scores = check_scores(scores)
     return scores.ndim == 1 or scores.shape[1] == 1
 
 
@@ -157,7 +162,7 @@ def margin(scores: Tensor, labels: Tensor) -> Tensor:
         >>> margin(torch.tensor([[3.0, 1.0, 2.5], [1.0, 1.0, 0.0]]), torch.tensor([0, 0])).tolist()
         [0.5, 0.0]
     """
-    scores = _check_scores(scores)
+    scores = check_scores(scores)
     labels = _check_labels(labels, scores.shape[0])
     if bool(torch.isnan(scores).any()):
         raise ValueError("scores contain NaN: the model's output is not a number")

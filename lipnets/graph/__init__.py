@@ -33,6 +33,7 @@ from lipnets.graph.policy import (
 from lipnets.graph.trace import (
     TracedGraph,
     check_input_shape,
+    reuse_traces,
     trace,
     trace_count,
     user_name,
@@ -57,6 +58,7 @@ __all__ = [
     "module_kind",
     "register_rule_provider",
     "replaced_on_instance",
+    "reuse_traces",
     "rule_owner",
     "trace",
     "trace_count",

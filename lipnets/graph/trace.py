@@ -3,9 +3,9 @@
 `trace(model, input_shape=None)` applies the trust policy (`lipnets.graph.policy`),
 traces the model with torch.fx (trusted modules are leaves), applies the
 faithfulness policy (`lipnets.graph.faithful`) and returns a `TracedGraph`.
-The fx trace does not depend on the input size, so it is kept (for the 16
-models used last) and reused across sizes, radii, batches and calls while the
-model's structure is the same: its submodules, their classes and modes, and
+The fx trace does not depend on the input size, so within `reuse_traces` it is
+kept and reused across sizes, radii, batches and calls while the model's
+structure is the same: its submodules, their classes and modes, and
 their plain attributes (which a trace may have read as constants). Shapes and
 the eager-mode check are kept per input size. Weights are read when a consumer
 uses the graph, never cached.
@@ -13,10 +13,11 @@ uses the graph, never cached.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,12 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from lipnets._state import restored_buffers
-from lipnets.errors import LipnetsError, UnboundedModuleError, UntraceableModelError
+from lipnets.errors import (
+    InvalidModelError,
+    LipnetsError,
+    UnboundedModuleError,
+    UntraceableModelError,
+)
 from lipnets.graph.faithful import InPlaceAudit, StateSnapshot, compare
 from lipnets.graph.ops import classify, first_operand
 from lipnets.graph.policy import (
@@ -37,12 +43,32 @@ from lipnets.graph.policy import (
 )
 from lipnets.graph.tracer import functions_run, mutation_in, trace_graph
 
-__all__ = ["TracedGraph", "check_input_shape", "trace", "trace_count"]
+__all__ = ["TracedGraph", "check_input_shape", "reuse_traces", "trace", "trace_count"]
 
-_CACHE_SIZE = 16
-_CACHE: OrderedDict[int, tuple[Any, Any, TracedGraph]] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _TRACES = [0]
+
+
+_REUSE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lipnets_reuse", default=None)
+
+
+@contextlib.contextmanager
+def reuse_traces() -> Iterator[None]:
+    """Within this context, `trace` reuses the graph of a model whose structure is unchanged.
+
+    Outside it every call traces afresh: a trace may have read a Python value (a private
+    attribute, a module-level global) that no fingerprint sees, so a graph is reused only
+    within one piece of work that does not change the model (one report over many radii
+    and batches). Nested contexts share the outer one's graphs.
+    """
+    if _REUSE.get() is not None:
+        yield
+        return
+    token = _REUSE.set({})
+    try:
+        yield
+    finally:
+        _REUSE.reset(token)
 
 
 def trace_count() -> int:
@@ -152,7 +178,7 @@ class TracedGraph:
             except (LipnetsError, NotImplementedError):
                 raise
             except Exception as exc:
-                raise ValueError(
+                raise InvalidModelError(
                     f"{self.name} fails on inputs of shape {tuple(input_shape)} (is input_shape "
                     f"right?): {type(exc).__name__}: {exc}"
                 ) from exc
@@ -227,24 +253,27 @@ def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> TracedG
     model = unwrap(model)
     check_model(model)
     key = _fingerprint(model)
+    cache = _REUSE.get()
+    if cache is None:  # no reuse context: a fresh trace (see `reuse_traces`)
+        graph = _build(model)
+        if shape is not None:
+            graph.shapes(shape)
+        return graph
     with _CACHE_LOCK:
-        hit = _CACHE.get(id(model))
+        hit = cache.get(id(model))
         if (
             hit is not None
             and hit[0]() is model
             and hit[1] == key
             and hit[2].modes == _modes(hit[2])
         ):
-            _CACHE.move_to_end(id(model))
             graph = hit[2]
         else:
             graph = None
     if graph is None:
         graph = _build(model)
         with _CACHE_LOCK:
-            _CACHE[id(model)] = (weakref.ref(model), key, graph)
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
+            cache[id(model)] = (weakref.ref(model), key, graph)
     if shape is not None:
         graph.shapes(shape)
     return graph

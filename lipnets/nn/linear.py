@@ -82,10 +82,13 @@ class _OrthogonalLinear(nn.Linear):
             linear.bias.requires_grad_(self.bias.requires_grad)
         return linear.train(self.training)
 
-    def _reset_bias(self) -> None:
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+
+def _reset_bias(layer: nn.Linear) -> None:
+    """torch's default bias initialisation (a function, not a method: the trust policy
+    lets a subclass of nn.Linear define only methods no forward calls)."""
+    if layer.bias is not None:
+        bound = 1 / math.sqrt(layer.in_features)
+        nn.init.uniform_(layer.bias, -bound, bound)
 
 
 class BjorckLinear(_OrthogonalLinear):
@@ -150,7 +153,7 @@ class BjorckLinear(_OrthogonalLinear):
         if not parametrize.is_parametrized(self, "weight"):
             return super().reset_parameters()  # called by nn.Linear.__init__
         nn.init.orthogonal_(self.parametrizations.weight.original)
-        self._reset_bias()
+        _reset_bias(self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, order={self.config.order}, tol={self.config.tol:g}"
@@ -215,4 +218,4 @@ class CayleyLinear(_OrthogonalLinear):
             return super().reset_parameters()  # called by nn.Linear.__init__
         raw = self.parametrizations.weight.original
         nn.init.normal_(raw, std=1 / math.sqrt(raw.shape[0]))
-        self._reset_bias()
+        _reset_bias(self)

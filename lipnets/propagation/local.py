@@ -65,8 +65,9 @@ from lipnets.bounds import lipschitz_bound
 from lipnets.errors import UnboundedModuleError
 from lipnets.functional.norms import spectral_norm_bound
 from lipnets.propagation import _ops
+from lipnets.propagation.checks import check_args, check_norm, session
 from lipnets.propagation.graph import Graph, build
-from lipnets.propagation.lirpa import Propagator, check_args, check_norm, session
+from lipnets.propagation.propagator import Propagator
 
 __all__ = ["local_lipschitz"]
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lipnets
-from lipnets.graph import trace, trace_count
+from lipnets.graph import reuse_traces, trace, trace_count
 
 DT = torch.float64
 
@@ -111,13 +111,16 @@ def test_certification_report_traces_once() -> None:
     )
     assert trace_count() - before == 1
     assert len(report.rows) == 3 and report.samples == 40
-    # Later calls on the same model reuse the graph; a change of structure retraces.
-    lipnets.lipschitz_bound(model)
-    lipnets.propagation.crown_bounds(model, x[:3], 0.1, norm=2)
-    assert trace_count() - before == 1
-    model[1] = nn.ReLU()
-    lipnets.lipschitz_bound(model)
-    assert trace_count() - before == 2
+    # Within reuse_traces calls reuse the graph; a change of structure retraces.
+    with reuse_traces():
+        lipnets.lipschitz_bound(model)
+        lipnets.propagation.crown_bounds(model, x[:3], 0.1, norm=2)
+        assert trace_count() - before == 2
+        model[1] = nn.ReLU()
+        lipnets.lipschitz_bound(model)
+        assert trace_count() - before == 3
+    lipnets.lipschitz_bound(model)  # outside: a fresh trace (a global may have changed)
+    assert trace_count() - before == 4
 
 
 def test_a_cached_trace_follows_plain_attributes() -> None:
@@ -133,7 +136,8 @@ def test_a_cached_trace_follows_plain_attributes() -> None:
             return self.lin(x) * self.scale
 
     model = Scaled()
-    first = float(lipnets.lipschitz_bound(model))
-    model.scale = 20.0
-    assert float(lipnets.lipschitz_bound(model)) == pytest.approx(10 * first, rel=1e-12)
-    assert trace(model) is trace(model)
+    with reuse_traces():
+        first = float(lipnets.lipschitz_bound(model))
+        model.scale = 20.0
+        assert float(lipnets.lipschitz_bound(model)) == pytest.approx(10 * first, rel=1e-12)
+        assert trace(model) is trace(model)
