@@ -12,6 +12,7 @@ and `test` extras).
 
 from __future__ import annotations
 
+import geotorch
 import pytest
 import torch
 from torch import nn
@@ -21,8 +22,6 @@ import lipnets
 from lipnets.propagation import Bounds, crown_bounds, interval_bounds
 
 from .helpers import dense_jacobian, spectral_norm
-
-geotorch = pytest.importorskip("geotorch", minversion="0.3")
 
 DT = torch.float64
 REL = 1e-6  # the bound may exceed the exact float64 norm by this much, relatively
