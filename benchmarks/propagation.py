@@ -21,7 +21,7 @@ Usage:
         --json benchmarks/results/propagation-cpu.json
     python benchmarks/propagation.py --repeats 1 --batch 8   # smoke run
 
-Nothing here runs in the test suite (tests/test_propagation*.py checks the
+Nothing here runs in the test suite (tests/propagation/ checks the
 bounds themselves).
 """
 

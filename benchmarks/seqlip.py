@@ -19,7 +19,7 @@ Usage:
     python benchmarks/seqlip.py --markdown benchmarks/results/seqlip-cpu.md
     python benchmarks/seqlip.py --seeds 1 --steps 20 --width 16   # smoke run
 
-Nothing here runs in the test suite (tests/test_estimators_autolip_seqlip.py
+Nothing here runs in the test suite (tests/estimators/test_estimators_autolip_seqlip.py
 checks seqlip < autolip on small networks of the same kind).
 """
 

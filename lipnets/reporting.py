@@ -6,20 +6,7 @@ The objects are the same; nothing here warns, because ``import lipnets`` imports
 this module.
 """
 
-from lipnets.reports import (
-    CertificationReport,
-    CertificationRow,
-    GuaranteeReport,
-    LayerReport,
-    certification_report,
-    report,
-)
+from lipnets import reports as _reports
+from lipnets.reports import *  # noqa: F403 - the alias re-exports the whole public API
 
-__all__ = [
-    "CertificationReport",
-    "CertificationRow",
-    "GuaranteeReport",
-    "LayerReport",
-    "certification_report",
-    "report",
-]
+__all__ = list(_reports.__all__)

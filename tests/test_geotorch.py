@@ -264,7 +264,7 @@ def _parametrizations(model: nn.Module) -> dict[str, type]:
 
 
 @pytest.mark.parametrize("name", list(PROPAGATION_MODELS))
-def test_to_vanilla_is_plain_and_faithful(name: str) -> None:
+def test_to_vanilla_is_plain_and_faithful(name: str, f64_tol) -> None:
     build, sample_shape = PROPAGATION_MODELS[name]
     model = build()
     before = _parametrizations(model)
@@ -276,7 +276,7 @@ def test_to_vanilla_is_plain_and_faithful(name: str) -> None:
         assert type(sub) in (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Sequential)
     x = torch.randn(5, *sample_shape, generator=_gen(7), dtype=DT)
     with torch.no_grad():
-        assert torch.allclose(plain(x), model(x), rtol=1e-12, atol=1e-12)
+        f64_tol.assert_close(plain(x), model(x))
     # the original is untouched: same parametrizations, same state, still trainable
     assert _parametrizations(model) == before
     state = model.state_dict()

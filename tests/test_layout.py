@@ -56,3 +56,17 @@ def test_no_module_is_a_god_file() -> None:
     }
     big = {k: v for k, v in sizes.items() if v > MAX_LINES}
     assert not big, big
+
+
+TESTS = Path(__file__).resolve().parent
+CROSS_CUTTING = {"soundness"}
+"""Test folders that span every subpackage instead of mirroring one."""
+
+
+def test_test_folders_mirror_the_packages() -> None:
+    # The tests of lipnets/X live in tests/X/ (the zoo's in tests/zoo/); the package-wide ones
+    # (public surface, layout, conformance, the top-level modules) stay in tests/.
+    subpackages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    stray = folders - subpackages - CROSS_CUTTING - {"zoo"}
+    assert not stray, f"tests/ folders named after no lipnets subpackage: {sorted(stray)}"

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from lipnets.bounds.registry import as_bound
-from lipnets.bounds.rounding import add_up, div_up, mul_up, sqrt_up
+from lipnets.bounds.rounding import add_up, div_up, mul_up, root_sum_squares, sqrt_up
 from lipnets.bounds.types import Composition, LeafBound, LeafValue
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError
 from lipnets.functional.norms import spectral_norm_bound
@@ -72,9 +72,9 @@ class Fold:
         if isinstance(arg, fx.Node):
             return self.K[arg]
         if isinstance(arg, (list, tuple)):
-            return _root_sum_squares([self.k(a) for a in arg])
+            return root_sum_squares([self.k(a) for a in arg])
         if isinstance(arg, dict):
-            return _root_sum_squares([self.k(a) for a in arg.values()])
+            return root_sum_squares([self.k(a) for a in arg.values()])
         if isinstance(arg, slice):
             return self.k((arg.start, arg.stop, arg.step))
         return 0.0
@@ -376,7 +376,7 @@ class Fold:
         parts = [
             mul_up(k, self.broadcast(node, x, y)) for k, x, y in ((ka, a, b), (kb, b, a)) if k > 0
         ]
-        return _root_sum_squares(parts)
+        return root_sum_squares(parts)
 
     def operands(self, node: fx.Node) -> tuple[Any, Any]:
         if len(node.args) > 2 or node.kwargs.get("rounding_mode") is not None:
@@ -478,13 +478,6 @@ def _view_dtype(node: fx.Node) -> bool:
 def _leaf_name(node: fx.Node) -> str:
     name = user_name(str(node.target))
     return "" if name == "the model" else name
-
-
-def _root_sum_squares(values: list[float]) -> float:
-    total = 0.0
-    for v in values:
-        total = add_up(total, mul_up(v, v))
-    return sqrt_up(total)
 
 
 def _max_repeats(indices: list[int]) -> int:

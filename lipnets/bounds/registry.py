@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lipnets.errors import UnboundedModuleError
-from lipnets.graph import bump_rules_version, method_owner, register_rule_provider, trusted_owner
+from lipnets.graph import method_owner, register_rule_provider, rule_decorator, trusted_owner
 
 __all__ = ["BoundRule", "as_bound", "bound_rule", "find_rule", "pair", "register_bound"]
 
@@ -62,21 +62,7 @@ def register_bound(*module_types: type[nn.Module]) -> Callable[[_R], _R]:
         >>> float(lipnets.lipschitz_bound(nn.Sequential(Halve(), nn.ReLU(), Halve())))
         1.0
     """
-    if not module_types:
-        raise TypeError("register_bound() needs at least one nn.Module subclass")
-    for t in module_types:
-        if not (isinstance(t, type) and issubclass(t, nn.Module)):
-            raise TypeError(f"register_bound() takes nn.Module subclasses, got {t!r}")
-
-    def decorator(fn: _R) -> _R:
-        if not callable(fn):
-            raise TypeError(f"register_bound() decorates a callable, got {fn!r}")
-        for t in module_types:
-            _RULES[t] = fn
-        bump_rules_version()
-        return fn
-
-    return decorator
+    return rule_decorator("register_bound", _RULES, module_types)
 
 
 def _owner(cls: type) -> type | None:

@@ -17,7 +17,6 @@ functions with `register_rule_provider`.
 from lipnets.graph.faithful import compare, flat_nodes, flat_tensors
 from lipnets.graph.ops import META_ATTRS, META_METHODS, OpSpec, classify, first_operand
 from lipnets.graph.policy import (
-    bump_rules_version,
     check_finite,
     check_model,
     hooks_of,
@@ -25,6 +24,7 @@ from lipnets.graph.policy import (
     module_kind,
     register_rule_provider,
     replaced_on_instance,
+    rule_decorator,
     rule_owner,
     trusted,
     trusted_owner,
@@ -44,7 +44,6 @@ __all__ = [
     "META_METHODS",
     "OpSpec",
     "TracedGraph",
-    "bump_rules_version",
     "check_finite",
     "check_input_shape",
     "check_model",
@@ -59,6 +58,7 @@ __all__ = [
     "register_rule_provider",
     "replaced_on_instance",
     "reuse_traces",
+    "rule_decorator",
     "rule_owner",
     "trace",
     "trace_count",

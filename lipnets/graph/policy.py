@@ -49,6 +49,7 @@ __all__ = [
     "defines_methods",
     "module_kind",
     "register_rule_provider",
+    "rule_decorator",
     "rule_owner",
     "rules_version",
     "trusted",
@@ -71,15 +72,33 @@ def register_rule_provider(name: str, provider: RuleProvider) -> None:
         _VERSION[0] += 1
 
 
+def rule_decorator(
+    caller: str, table: dict[type, Any], module_types: tuple[Any, ...]
+) -> Callable[[Any], Any]:
+    """The decorator of a rule registry (``register_bound``, ``register_propagation``):
+    checks the arguments (naming ``caller``), then stores the decorated function in
+    ``table`` for each type and bumps the rules version (cached traces are rebuilt)."""
+    if not module_types:
+        raise TypeError(f"{caller}() needs at least one nn.Module subclass")
+    for t in module_types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"{caller}() takes nn.Module subclasses, got {t!r}")
+
+    def decorator(fn: Any) -> Any:
+        if not callable(fn):
+            raise TypeError(f"{caller}() decorates a callable, got {fn!r}")
+        with _LOCK:
+            for t in module_types:
+                table[t] = fn
+            _VERSION[0] += 1
+        return fn
+
+    return decorator
+
+
 def rules_version() -> int:
     """A number that changes whenever a rule or provider is registered (cache key)."""
     return _VERSION[0]
-
-
-def bump_rules_version() -> None:
-    """Registries call this after registering a rule, so cached traces are rebuilt."""
-    with _LOCK:
-        _VERSION[0] += 1
 
 
 def method_owner(cls: type, name: str) -> type | None:

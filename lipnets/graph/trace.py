@@ -54,12 +54,34 @@ _REUSE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lipnets_re
 
 @contextlib.contextmanager
 def reuse_traces() -> Iterator[None]:
-    """Within this context, `trace` reuses the graph of a model whose structure is unchanged.
+    """Within this context, `trace` reuses a model's graph across calls, radii, batches
+    and input sizes while its fingerprint is unchanged.
 
-    Outside it every call traces afresh: a trace may have read a Python value (a private
-    attribute, a module-level global) that no fingerprint sees, so a graph is reused only
-    within one piece of work that does not change the model (one report over many radii
-    and batches). Nested contexts share the outer one's graphs.
+    The fingerprint covers what lipnets can see a trace depend on: each submodule's
+    identity, class and mode, its attributes (Python values by value, other objects by
+    identity), the identities of its parameters and buffers, and the rules registered.
+    It cannot see everything a ``forward`` may read as a constant: a module-level
+    global, a closure, a field of a config object. Entering the context states that
+    none of those changes inside it. Weights may change (an optimiser step, a
+    ``load_state_dict``): they are read whenever a graph is used, never cached.
+    Outside the context every call traces afresh. `certification_report` runs in it
+    (one trace for all radii and batches). Nested contexts share the outer one's graphs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import lipnets
+        >>> from lipnets.graph import reuse_traces, trace_count
+        >>> # eval(): crown_bounds runs the model in eval mode, and a trace may read the mode
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+        >>> x = torch.randn(5, 4)
+        >>> before = trace_count()
+        >>> with reuse_traces():
+        ...     for eps in (0.01, 0.1):
+        ...         _ = lipnets.propagation.crown_bounds(model, x, eps, norm=2)
+        ...     _ = lipnets.lipschitz_bound(model, input_shape=(1, 4))
+        >>> trace_count() - before
+        1
     """
     if _REUSE.get() is not None:
         yield
@@ -433,19 +455,30 @@ def _modes(graph: TracedGraph) -> tuple[bool, ...]:
 
 
 def _fp(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+    if value is None or isinstance(value, (bool, int, float, complex, str)):
+        return (type(value), value)  # the type too: 1 == 1.0 == True, but a trace may differ
+    if isinstance(value, (torch.dtype, torch.device, torch.Size)):
         return value
     if isinstance(value, (tuple, list)) and len(value) <= 64:
-        return tuple(_fp(v) for v in value)
+        return (type(value), tuple(_fp(v) for v in value))
     return ("id", id(value))
 
 
+# nn.Module's own bookkeeping: the parts a trace can depend on are listed separately.
+_MODULE_DICTS = {"_parameters", "_buffers", "_modules", "training"}
+
+
 def _fingerprint(model: nn.Module) -> Any:
-    """What a trace depends on besides weights (see the module docs)."""
+    """What a trace depends on besides the values of weights (see `reuse_traces`): each
+    submodule's identity and class, its attributes, public or private (Python values by
+    value, other objects by identity), and which parameters and buffers it holds (by
+    identity: a reassigned parameter is a new graph input)."""
     items = []
     for name, m in model.named_modules(remove_duplicate=False):
-        attrs = tuple(
-            (k, _fp(v)) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
+        attrs = tuple((k, _fp(v)) for k, v in vars(m).items() if k not in _MODULE_DICTS)
+        tensors = tuple(
+            (k, None if v is None else id(v))
+            for k, v in (*m._parameters.items(), *m._buffers.items())
         )
-        items.append((name, id(m), type(m), attrs, tuple(m._parameters)))
+        items.append((name, id(m), type(m), attrs, tensors))
     return (rules_version(), tuple(items))

@@ -46,8 +46,10 @@ Constants, each a one-line proof:
   norm 1 as well, so sorting activations gain nothing here: the gain comes
   from ReLUs.
 
-The output's $K$ bounds $\|f(x) - f(y)\| / \|x - y\|$ on $B$, so it is a
-sound local constant; since each affine factor is at most the layer's norm
+Every product, sum and square root is rounded up as in the fold (Note [Rounding
+up] in `lipnets.bounds.rounding`, whose composition rules both use). The
+output's $K$ bounds $\|f(x) - f(y)\| / \|x - y\|$ on $B$, so it is a sound
+local constant; since each affine factor is at most the layer's norm
 and the rules match those of `lipnets.bounds` otherwise, it stays below the
 global bound, and the result is also capped by
 [`lipschitz_bound`][lipnets.bounds.lipschitz_bound] (a minimum of two sound
@@ -62,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from lipnets.bounds import lipschitz_bound
+from lipnets.bounds.rounding import div_up, mul_up, root_sum_squares, sqrt_up, weighted_sum
 from lipnets.errors import UnboundedModuleError
 from lipnets.functional.norms import spectral_norm_bound
 from lipnets.propagation import _ops
@@ -202,30 +205,36 @@ def _compose(graph: Graph, prop: Propagator) -> Tensor:
             for i in node.inputs:
                 relevant[i] = ones(i)
 
+    # The constants, composed with the rules and rounding of the fold (Note [Rounding up]).
     consts: list[Tensor] = []
     for node in nodes:
         op = node.op
         ks = [consts[i] for i in node.inputs]
         if op is None:
-            k = torch.ones(n, dtype=torch.float64)
-        elif isinstance(op, _ops.ReLU):
-            k = ks[0]
+            k: Tensor | float = 1.0
+        elif isinstance(op, (_ops.ReLU, _ops.Compare)):
+            k = ks[0]  # a ReLU's slopes are in [0, 1]; a comparator layer is 1-Lipschitz
         elif isinstance(op, _ops.Affine):
-            k = _masked_norm(op, relevant[node.index], vary[node.inputs[0]]) * ks[0]
+            k = mul_up(_masked_norm(op, relevant[node.index], vary[node.inputs[0]]), ks[0])
         elif isinstance(op, _ops.Gather):
-            k = sum(m * kk.square() for m, kk in zip(op.multiplicities(), ks, strict=True)).sqrt()
+            k = root_sum_squares(ks, op.multiplicities())
         elif isinstance(op, _ops.LinearCombination):
-            k = sum(s * kk for s, kk in zip(op.scales(), ks, strict=True))
+            k = weighted_sum(op.scales(), ks)
         elif isinstance(op, _ops.Reduce):
-            k = ks[0] * op.scale * math.sqrt(op.count)
+            k = mul_up(ks[0], _reduce_factor(op))
         elif isinstance(op, _ops.Difference):
-            k = ks[0] * math.sqrt(2.0)  # disjoint pairs: (a - b)^2 <= 2 a^2 + 2 b^2
-        elif isinstance(op, _ops.Compare):
-            k = ks[0]  # a comparator layer of its first input: 1-Lipschitz
+            k = mul_up(ks[0], sqrt_up(2.0))  # disjoint pairs: (a - b)^2 <= 2 a^2 + 2 b^2
         else:  # pragma: no cover - every op of _ops is listed above
             raise TypeError(f"no local rule for {type(op).__name__}")
         consts.append(torch.as_tensor(k, dtype=torch.float64).expand(n).clone())
     return consts[graph.output]
+
+
+def _reduce_factor(op: _ops.Reduce) -> float:
+    """The norm of a sum over ``count`` entries times ``scale`` (a mean: 1/count)."""
+    if op.count and op.scale == 1.0 / op.count:  # a mean: 1/sqrt(count), not the rounded scale
+        return sqrt_up(div_up(1.0, float(op.count)))
+    return mul_up(abs(float(op.scale)), sqrt_up(float(op.count)))
 
 
 def _masked_norm(op: _ops.Affine, rows: Tensor, cols: Tensor) -> Tensor:

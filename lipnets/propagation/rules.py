@@ -44,7 +44,7 @@ import torch
 from torch import fx, nn
 
 from lipnets.functional.reshape import depth_to_space
-from lipnets.graph import bump_rules_version, register_rule_provider, trusted_owner
+from lipnets.graph import register_rule_provider, rule_decorator, trusted_owner
 from lipnets.nn import (
     BCOPConv2d,
     BjorckLinear,
@@ -77,21 +77,7 @@ def register_propagation(*module_types: type[nn.Module]) -> Callable[[_R], _R]:
     Raises:
         TypeError: if no type is given or one is not an ``nn.Module`` subclass.
     """
-    if not module_types:
-        raise TypeError("register_propagation() needs at least one nn.Module subclass")
-    for t in module_types:
-        if not (isinstance(t, type) and issubclass(t, nn.Module)):
-            raise TypeError(f"register_propagation() takes nn.Module subclasses, got {t!r}")
-
-    def decorator(fn: _R) -> _R:
-        if not callable(fn):
-            raise TypeError(f"register_propagation() decorates a callable, got {fn!r}")
-        for t in module_types:
-            _RULES[t] = fn
-        bump_rules_version()
-        return fn
-
-    return decorator
+    return rule_decorator("register_propagation", _RULES, module_types)
 
 
 def _owner(cls: type) -> type | None:

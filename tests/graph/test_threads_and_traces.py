@@ -141,3 +141,35 @@ def test_a_cached_trace_follows_plain_attributes() -> None:
         model.scale = 20.0
         assert float(lipnets.lipschitz_bound(model)) == pytest.approx(10 * first, rel=1e-12)
         assert trace(model) is trace(model)
+
+
+def test_a_cached_trace_follows_private_attributes_and_reassigned_weights() -> None:
+    """A private Python attribute is read as a constant too, and a reassigned parameter is
+    a new tensor the cached graph would not read: both retrace."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3).to(DT)
+            self._c = 1e-3
+
+        def forward(self, x):
+            # The gated branch is 0 on any sample near the origin: only the trace sees _c.
+            return self.lin(x) + self._c * torch.relu(x - 100.0)
+
+    model = Gated()
+    with reuse_traces():
+        first = float(lipnets.lipschitz_bound(model, (1, 3)))
+        count = trace_count()
+        assert float(lipnets.lipschitz_bound(model, (1, 3))) == first
+        assert trace_count() == count  # reused
+        model._c = 1000.0
+        assert float(lipnets.lipschitz_bound(model, (1, 3))) >= 999.0
+        with torch.no_grad():
+            weight = torch.eye(3, dtype=DT) * 50.0
+        model.lin.weight = nn.Parameter(weight)
+        model._c = 1e-3
+        assert float(lipnets.lipschitz_bound(model, (1, 3))) == pytest.approx(50.001, rel=1e-9)
+        x = torch.randn(4, 3, dtype=DT)
+        lo, up = lipnets.propagation.interval_bounds(model, x, 0.0, norm=2)
+        assert torch.allclose(lo, model(x), atol=1e-9) and torch.allclose(up, model(x), atol=1e-9)

@@ -11,8 +11,7 @@ from torch import nn
 
 import lipnets
 from lipnets.errors import UnboundedModuleError
-
-from .helpers import spectral_norm
+from tests.helpers import spectral_norm
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -33,8 +33,7 @@ from lipnets.functional.reshape import space_to_depth
 from lipnets.nn.bcop import BCOPConv2d
 from lipnets.parametrizations import BCOPOrthogonal
 from lipnets.parametrizations.orthogonal import BJORCK_DEFAULT, BjorckConfig
-
-from .helpers import as_float64, dense_jacobian
+from tests.helpers import as_float64, dense_jacobian
 
 TOL = 1e-4  # orthogonium's bar for sigma_min and sigma_max of the realised operator
 SIZES = (6, 8, 10)

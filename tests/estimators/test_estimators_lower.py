@@ -11,8 +11,7 @@ from torch import nn
 import lipnets
 from lipnets.estimators import autolip, jacobian_norm, seqlip
 from lipnets.estimators.lower import LowerBound, lower_bound
-
-from .helpers import as_float64, dense_jacobian, gnp_mlp, spectral_norm
+from tests.helpers import as_float64, dense_jacobian, gnp_mlp, spectral_norm
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -12,8 +12,7 @@ from torch import nn
 import lipnets
 from lipnets import lipschitz_bound
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError
-
-from .helpers import as_float64, dense_jacobian, lipschitz_ascent, spectral_norm
+from tests.helpers import as_float64, dense_jacobian, lipschitz_ascent, spectral_norm
 
 
 def _exact_linear_norm(module: nn.Module, shape) -> float:
@@ -243,6 +242,7 @@ def test_register_bound_for_a_custom_module_and_bad_registrations():
 
 
 def test_transposed_conv_has_no_rule():
-    # nn.Conv2d has a rule (tests/test_conv_bound.py); its transpose does not, and must raise.
+    # nn.Conv2d has a rule (tests/bounds/test_conv_bound.py); its transpose does not,
+    # and must raise.
     with pytest.raises(UnboundedModuleError, match=r"0 \(ConvTranspose2d\) has no bound rule"):
         lipschitz_bound(nn.Sequential(nn.ConvTranspose2d(1, 1, 3)))

@@ -30,8 +30,7 @@ from lipnets.functional.pooling import (
 )
 from lipnets.functional.reshape import depth_to_space, space_to_depth
 from lipnets.nn.pooling import InvertibleDownsample, L2NormPool2d
-
-from .helpers import dense_jacobian, lipschitz_ascent, max_jacobian_norm, spectral_norm
+from tests.helpers import dense_jacobian, lipschitz_ascent, max_jacobian_norm, spectral_norm
 
 PROPERTY = settings(max_examples=40, deadline=None)
 REL = 1e-12  # float64 agreement for quantities computed two ways

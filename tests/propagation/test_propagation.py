@@ -91,16 +91,17 @@ def test_crown_strictly_tighter_on_deep_mlps(depth: int, norm: float) -> None:
 
 
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_zero_radius_is_the_output(mix: str) -> None:
+def test_zero_radius_is_the_output(mix: str, dtype: torch.dtype, tol) -> None:
     model, x, _ = MIXES[mix](7)
+    model, x = model.to(dtype), x.to(dtype)
     with torch.no_grad():
         y = model(x)
     for fn in (interval_bounds, crown_bounds):
         for norm in NORMS:
             lower, upper = fn(model, x, 0.0, norm=norm)
             assert lower.shape == y.shape == upper.shape
-            torch.testing.assert_close(lower, y, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(upper, y, rtol=1e-12, atol=1e-12)
+            tol.assert_close(lower, y)
+            tol.assert_close(upper, y)
 
 
 def _margin_spec(labels: torch.Tensor, classes: int) -> torch.Tensor:

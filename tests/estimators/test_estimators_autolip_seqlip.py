@@ -19,8 +19,7 @@ from torch.nn.utils.parametrizations import spectral_norm as sn_param
 import lipnets
 from lipnets.errors import UnboundedModuleError
 from lipnets.estimators import autolip, jacobian_norm, lower_bound, seqlip
-
-from .helpers import as_float64, dense_jacobian, gnp_mlp, spectral_norm
+from tests.helpers import as_float64, dense_jacobian, gnp_mlp, spectral_norm
 
 F64 = torch.float64
 # Power iteration run to convergence (the defaults stop at a relative change of 1e-7);
@@ -395,7 +394,7 @@ def test_seqlip_greedy_leaves_sigma_one_when_it_pays() -> None:
     assert float(autolip(model, (1, n), generator=_gen())) > 1.9  # sqrt(2) * sqrt(2)
 
 
-def test_seqlip_greedy_can_stop_below_exact() -> None:
+def test_seqlip_greedy_can_stop_below_exact(f64_tol) -> None:
     # One input, one output: the factor is max |sum_j sigma_j c_j| with c = [10, 3, -6, -6].
     # From sigma = 1 (sum 1) the best single flip drops the 10 (|-9| beats the 7 of
     # dropping a -6); greedy then ends on the negative side at 12, while keeping only
@@ -406,8 +405,8 @@ def test_seqlip_greedy_can_stop_below_exact() -> None:
         model[2].weight.copy_(torch.tensor([[10.0, 3.0, -6.0, -6.0]]))
     exact = seqlip(model, (1, 1), method="exact")
     greedy = seqlip(model, (1, 1), method="greedy")
-    assert torch.isclose(exact, torch.tensor(13.0, dtype=F64), rtol=1e-12)
-    assert torch.isclose(greedy, torch.tensor(12.0, dtype=F64), rtol=1e-12)
+    f64_tol.assert_close(exact, torch.tensor(13.0, dtype=F64))
+    f64_tol.assert_close(greedy, torch.tensor(12.0, dtype=F64))
     assert torch.equal(seqlip(model, (1, 1)), exact)  # auto enumerates width 4
 
 
@@ -428,7 +427,7 @@ def test_seqlip_of_no_layers_or_only_activations_is_one() -> None:
     )
 
 
-def test_seqlip_leading_and_trailing_activations_stay_sound() -> None:
+def test_seqlip_leading_and_trailing_activations_stay_sound(f64_tol) -> None:
     torch.manual_seed(51)
     l1, l2 = nn.Linear(5, 6).double(), nn.Linear(6, 3).double()
     w1, w2 = _weight(l1), _weight(l2)
@@ -446,7 +445,7 @@ def test_seqlip_leading_and_trailing_activations_stay_sound() -> None:
         assert brute * (1 - 1e-12) <= value <= product * (1 + 1e-12)
     # A single activation next to one matrix: max_D ||W D|| = max_D ||D W|| = ||W||.
     for model in (nn.Sequential(nn.ReLU(), l1), nn.Sequential(l1, nn.ReLU())):
-        assert torch.isclose(seqlip(model, (1, 5), method="exact"), _norm(w1), rtol=1e-12)
+        f64_tol.assert_close(seqlip(model, (1, 5), method="exact"), _norm(w1))
 
 
 def test_seqlip_leading_activation_costs_nothing() -> None:
@@ -549,7 +548,7 @@ def test_nonlinear_modules_that_look_linear_near_zero() -> None:
             seqlip(nn.Sequential(nn.Linear(8, 8), module, nn.Linear(8, 4)), (1, 8))
 
 
-def test_seqlip_ignores_biases_and_activation_type() -> None:
+def test_seqlip_ignores_biases_and_activation_type(f64_tol) -> None:
     model = _mlp([5, 7, 6, 3], seed=55)
     reference = seqlip(model, (1, 5), method="exact")
     shifted = _mlp([5, 7, 6, 3], seed=55)
@@ -557,10 +556,10 @@ def test_seqlip_ignores_biases_and_activation_type() -> None:
         for layer in shifted:
             if isinstance(layer, nn.Linear):
                 layer.bias.add_(3.0)
-    assert torch.isclose(seqlip(shifted, (1, 5), method="exact"), reference, rtol=1e-12)
+    f64_tol.assert_close(seqlip(shifted, (1, 5), method="exact"), reference)
     for act in (nn.Tanh, nn.Sigmoid, lambda: nn.LeakyReLU(0.1), lambda: nn.ELU(0.5)):
         other = _mlp([5, 7, 6, 3], act=act, seed=55)
-        assert torch.isclose(seqlip(other, (1, 5), method="exact"), reference, rtol=1e-12)
+        f64_tol.assert_close(seqlip(other, (1, 5), method="exact"), reference)
 
 
 def _spectral_mlp(n_linear: int, seed: int) -> nn.Sequential:

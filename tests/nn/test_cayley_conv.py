@@ -20,8 +20,7 @@ from lipnets.errors import ShapeRequiredError
 from lipnets.functional import fft_cayley as FC
 from lipnets.functional.reshape import space_to_depth
 from lipnets.nn.cayley_conv import CayleyConv2d, FrequencyConv2d
-
-from .helpers import as_float64, dense_jacobian
+from tests.helpers import as_float64, dense_jacobian
 
 # (in_channels, out_channels, stride): in_eff = in * stride**2 vs out
 CASES = [
@@ -74,22 +73,23 @@ def circular_xcorr(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kernel_size", [(3, 3), (2, 4), (1, 1), (5, 3)])
 @pytest.mark.parametrize("size", [(4, 4), (5, 7), (3, 2)])
-def test_transfer_matrices_are_the_circular_convolution(kernel_size, size):
+def test_transfer_matrices_are_the_circular_convolution(kernel_size, size, dtype, tol):
     # Note [Kernel transform], including kernels larger than the grid (they wrap).
     g = torch.Generator().manual_seed(0)
-    kernel = torch.randn(3, 2, *kernel_size, generator=g, dtype=torch.float64)
-    x = torch.randn(2, 2, *size, generator=g, dtype=torch.float64)
+    kernel = torch.randn(3, 2, *kernel_size, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(2, 2, *size, generator=g, dtype=torch.float64).to(dtype)
     y = FC.fft_conv2d(x, FC.conv_frequency_matrices(kernel, size))
-    torch.testing.assert_close(y, circular_xcorr(x, kernel), rtol=0, atol=1e-12)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, circular_xcorr(x, kernel), rtol=0, atol=tol.atol)
     odd = kernel_size[0] % 2 == 1 and kernel_size[1] % 2 == 1
     if odd and size[0] >= kernel_size[0] and size[1] >= kernel_size[1]:
         # what nn.Conv2d with circular padding k // 2 computes, for odd k
         padding = (kernel_size[0] // 2, kernel_size[1] // 2)
-        conv = nn.Conv2d(2, 3, kernel_size, padding=padding, padding_mode="circular").double()
+        conv = nn.Conv2d(2, 3, kernel_size, padding=padding, padding_mode="circular").to(dtype)
         with torch.no_grad():
             conv.weight.copy_(kernel)
             conv.bias.zero_()
-        torch.testing.assert_close(y, conv(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(y, conv(x), rtol=0, atol=tol.atol)
 
 
 @pytest.mark.parametrize("size", [(4, 4), (5, 6), (6, 7), (7, 5), (1, 2)])

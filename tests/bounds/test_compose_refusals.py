@@ -14,8 +14,7 @@ from torch import nn
 import lipnets
 from lipnets import lipschitz_bound
 from lipnets.errors import LipnetsError
-
-from .helpers import lipschitz_ascent
+from tests.helpers import lipschitz_ascent
 
 
 class Fn(nn.Module):

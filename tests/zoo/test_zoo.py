@@ -19,7 +19,7 @@ from zoo import cards, data, models, train
 from zoo.__main__ import main
 from zoo.errors import ZooError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = {
     "groupsort-mlp": {"width": 32},

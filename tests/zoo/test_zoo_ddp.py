@@ -86,7 +86,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
 def test_torchrun_cli_trains_with_two_processes(tmp_path):
     """The README's launcher: torchrun runs the CLI on two gloo ranks; rank 0 writes the run."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "zoo", "train", "groupsort-mlp", "-o", "width=16", "--max-steps", "2",

@@ -21,8 +21,7 @@ from lipnets.certify import certified_accuracy, certify_crown
 from lipnets.estimators import pgd_l2
 from lipnets.functional import margin
 from lipnets.reports import CertificationReport, CertificationRow, certification_report
-
-from .helpers import as_float64, trained_digits_model
+from tests.helpers import as_float64, trained_digits_model
 
 DT = torch.float64
 

@@ -18,8 +18,7 @@ from torch import nn
 import lipnets
 from lipnets.estimators import pgd_l2
 from lipnets.functional import margin
-
-from .helpers import gnp_mlp
+from tests.helpers import gnp_mlp
 
 
 def _gen(seed: int = 0) -> torch.Generator:
