@@ -62,3 +62,13 @@ def tol(dtype: torch.dtype) -> Tolerance:
 def f64_tol() -> Tolerance:
     """The float64 tolerances, for a test that runs in float64 only."""
     return TOLERANCES[torch.float64]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: under two xdist workers on two cores, heavy tests
+    that each use every core fight (use with ``pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

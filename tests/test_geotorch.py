@@ -29,13 +29,7 @@ POINTS = 300
 RADIUS = 2.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two xdist workers on two cores: one thread each keeps them from fighting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

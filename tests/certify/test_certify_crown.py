@@ -26,13 +26,7 @@ from tests.helpers import as_float64, trained_digits_model
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two xdist workers on two cores: one thread each keeps them from fighting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- linear classifiers: certify_crown is the exact distance to the decision boundary --

@@ -25,13 +25,7 @@ MODELS_PER_MIX = 100
 POINTS = 10_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two xdist workers on two cores: one thread each keeps them from fighting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tol(bounds: Bounds) -> float:
