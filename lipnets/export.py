@@ -22,6 +22,7 @@ import copy
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lipnets._state import freeze_parametrizations
 from lipnets.errors import ExportError
 from lipnets.graph import check_finite, hooks_of, method_owner, module_kind, trusted
 
@@ -112,16 +113,3 @@ def _check_exportable(module: nn.Module, name: str) -> None:
             "calls), or a method is replaced on the instance; give the class its own "
             "to_vanilla()"
         )
-
-
-def freeze_parametrizations(module: nn.Module) -> None:
-    """Replace each parametrized tensor of `module` by the value it realises.
-
-    `copy.deepcopy` keeps the class that parametrize created for the original
-    module, and `remove_parametrizations` deletes properties from that class,
-    which would break the original. The copy gets a class of its own first.
-    """
-    cls = type(module)
-    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-    for name in list(module.parametrizations.keys()):
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)

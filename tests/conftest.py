@@ -64,10 +64,12 @@ def f64_tol() -> Tolerance:
     return TOLERANCES[torch.float64]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for the test: under two xdist workers on two cores, heavy tests
-    that each use every core fight (use with ``pytest.mark.usefixtures("one_thread")``)."""
+    """One torch thread for a test module: under two xdist workers on two cores, heavy
+    tests that each use every core fight, and small dense SVDs in multi-threaded LAPACK
+    spin (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``). The setting
+    is restored afterwards, so the rest of the session keeps its own."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

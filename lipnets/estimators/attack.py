@@ -88,10 +88,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from lipnets._progress import progress_bar
-from lipnets._state import eval_mode
+from lipnets._state import eval_mode, realised_weights
 from lipnets.functional.margins import class_indices, is_binary, margin
 
 __all__ = ["pgd_l2"]
@@ -132,9 +131,10 @@ def pgd_l2(
     point proves that no certificate of radius $\ge \varepsilon_i$ can hold
     for sample $i$; a positive one proves nothing. A module runs in eval mode
     (each submodule's mode is restored afterwards), so evaluate the returned
-    points in eval mode too. Parametrized weights are computed once
-    (`parametrize.cached`); gradients are taken with respect to the input only,
-    so no parameter's ``.grad`` changes. `x` is not modified.
+    points in eval mode too. Parametrized weights are computed once, on a
+    private frozen copy (Note [Realised weights] in `lipnets._state`);
+    gradients are taken with respect to the input only, so no parameter's
+    ``.grad`` changes. `x` is not modified.
 
     Args:
         model: an ``nn.Module`` or callable mapping a batch of $N$ inputs to
@@ -211,8 +211,7 @@ def pgd_l2(
     bar = progress_bar(progress, restarts, "pgd_l2")
 
     try:
-        with eval_mode(model), parametrize.cached():
-            # First weight access under no_grad: cached weights carry no graph.
+        with eval_mode(model), realised_weights(model) as model:
             with torch.no_grad():
                 clean = _call(model, x)
                 best_margin = margin(clean, y).detach()  # validates the labels

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+
+from lipnets._state import realised_weights
 
 # The graph walk is shared with the sound bound; only the leaf values differ,
 # and nothing in lipnets.bounds reads these estimates.
@@ -155,10 +156,10 @@ def autolip_leaves(
         if bound_rule(module) is None:
             return None  # not a leaf: the composition traces into it (or raises, naming it)
         s = tuple(leaf_shape)
-        with _eval_mode(module), parametrize.cached():
+        with _eval_mode(module), realised_weights(module) as frozen:
             try:  # the layer's own failure on this shape, e.g. a mismatch
                 with torch.no_grad():
-                    module(torch.zeros(s, dtype=dtype, device=device))
+                    frozen(torch.zeros(s, dtype=dtype, device=device))
             except RuntimeError as exc:
                 raise ValueError(
                     f"{where} fails on inputs of shape {s}: {type(exc).__name__}: {exc}"
@@ -166,7 +167,7 @@ def autolip_leaves(
             affine = (
                 len(s) >= 2
                 and s[0] == 1
-                and is_affine(module, s, dtype=dtype, device=device, generator=generator)
+                and is_affine(frozen, s, dtype=dtype, device=device, generator=generator)
             )
         if affine:
             value = power_iteration(

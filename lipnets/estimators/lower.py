@@ -19,7 +19,6 @@ numbers, never mixed").
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -28,12 +27,11 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 # Plain-torch utility (imports torch only); not a bound.
 from lipnets._progress import progress_bar
+from lipnets._state import frozen_copy
 from lipnets.errors import InvalidModelError
-from lipnets.export import freeze_parametrizations
 
 __all__ = ["LowerBound", "lower_bound"]
 
@@ -211,17 +209,12 @@ def _float64_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     orthogonalisation in float64, a different weight from the one in use.
     """
     try:
-        clone = copy.deepcopy(model)
+        clone = frozen_copy(model)
     except Exception as exc:
         raise ValueError(
             f"lower_bound could not copy {type(model).__name__} to evaluate it in {dtype}; "
             "pass dtype=None to evaluate the model itself"
         ) from exc
-    clone.eval()
-    with torch.no_grad():
-        for sub in list(clone.modules()):
-            if parametrize.is_parametrized(sub):
-                freeze_parametrizations(sub)
     complex_dtype = torch.complex128 if dtype == torch.float64 else None
 
     def cast(t: Tensor) -> Tensor:
@@ -232,7 +225,6 @@ def _float64_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         return t
 
     clone._apply(cast)
-    clone.requires_grad_(False)
     return clone
 
 

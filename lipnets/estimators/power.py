@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from lipnets._state import eval_mode as _eval_mode
+from lipnets._state import realised_weights as _realised_weights
 
 __all__ = ["jacobian_norm", "power_iteration"]
 
@@ -107,8 +107,9 @@ def power_iteration(
     of the estimate is below `tol`, or after `iters` iterations.
 
     A module runs in eval mode (each submodule's mode is restored afterwards),
-    parametrized weights are computed once (`parametrize.cached`), and no
-    parameter receives a gradient.
+    parametrized weights are computed once, on a private frozen copy (Note
+    [Realised weights] in `lipnets._state`), and no parameter receives a
+    gradient.
 
     This is an **estimate**: the value returned is $\|Av\| / \|v\|$ for the
     final vector $v$ (Note [Power iteration returns a realised norm]), a lower
@@ -161,7 +162,7 @@ def power_iteration(
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     device = default_device if device is None else torch.device(device)
 
-    with _eval_mode(op), parametrize.cached(), torch.enable_grad():
+    with _eval_mode(op), _realised_weights(op) as op, torch.enable_grad():
         zero = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
         out = _check_output(op(zero), "op")
         if not out.requires_grad:
@@ -358,7 +359,7 @@ def jacobian_norm(
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64)
 
-    with _eval_mode(model), parametrize.cached():
+    with _eval_mode(model), _realised_weights(model) as model:
         with torch.no_grad():
             out = _check_output(model(x[:1]), "model")
         entries = x[0].numel() * out.numel()

@@ -40,8 +40,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
+from lipnets._state import realised_weights
 from lipnets.estimators._affine import is_affine, linear_matrix
 from lipnets.estimators.power import (
     _check_count,
@@ -291,8 +291,8 @@ def seqlip(
     dtype, device = _default_dtype_device(model)
     with _eval_mode(model):
         trace(model, shape)  # the front end's policies: hooks, replaced methods, NaN, in place
-    with _eval_mode(model), parametrize.cached():
-        blocks = _blocks(model, shape, dtype, device, generator)
+    with _eval_mode(model), realised_weights(model) as frozen:
+        blocks = _blocks(frozen, shape, dtype, device, generator)
         for block in blocks:
             size = max(math.prod(block.input_shape[1:]), math.prod(block.output_shape[1:]))
             if size > max_width:

@@ -39,14 +39,7 @@ TOL = 1e-4  # orthogonium's bar for sigma_min and sigma_max of the realised oper
 SIZES = (6, 8, 10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The dense SVDs here are small; with the cores shared, multi-threaded LAPACK spins
-    # and gets slower by orders of magnitude. Restored for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small dense SVDs: LAPACK spins
 
 
 def orthonormal(*shape: int, seed: int) -> torch.Tensor:

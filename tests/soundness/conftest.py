@@ -11,19 +11,14 @@ import json
 import os
 
 import pytest
-import torch
 
 from tests.soundness import test_entry_points as T
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one thread avoids scheduling overhead on a shared machine.
-    Restored afterwards, so the rest of a session keeps its setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_models(one_thread):
+    """The models are tiny: one thread avoids scheduling overhead on a shared machine."""
     yield
-    torch.set_num_threads(before)
 
 
 def pytest_sessionfinish(session, exitstatus):
