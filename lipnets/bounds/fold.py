@@ -276,6 +276,13 @@ class Fold:
             ) from exc
         return mul_up(value, self.k(first_operand(node)))
 
+    def op_map(self, node, spec, dependent) -> float:
+        """A map of the first operand with the constant its `MapBound` computes."""
+        self.only_first_dependent(node, dependent)
+        a = first_operand(node)
+        value = spec.slope(node, lambda arg: self.const(arg, node), self.shape(a))
+        return mul_up(float(as_bound(value, self.where(node))), self.k(a))
+
     def op_dropout(self, node, spec, dependent) -> float:
         return self.op_copy(node, spec, dependent)  # training=False (else refused by trace)
 

@@ -22,6 +22,11 @@ Kinds:
 * ``"elementwise"``: a scalar function applied entrywise, with the supremum of
   its slope in ``slope`` (a number, or a function of the node for slopes given
   as arguments);
+* ``"map"``: any other map of its first operand alone (softmax, ``cumsum``,
+  interpolation, ``unfold``, ...): ``slope`` is a `MapBound`, the map's
+  Lipschitz constant computed from its constant arguments and the operand's
+  shape; each consumer decides separately whether it can propagate the op
+  (by ``name``);
 * ``"sort"``: the sorting activations of `lipnets.functional`;
 * ``"add"``, ``"sub"``, ``"mul"``, ``"div"``, ``"neg"``, ``"pos"``: arithmetic;
 * ``"maxmin"``: ``torch.maximum``/``minimum`` and ``fmax``/``fmin``;
@@ -44,11 +49,32 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 import lipnets.functional as LF
 
-__all__ = ["META_ATTRS", "META_METHODS", "OpSpec", "classify", "first_operand"]
+__all__ = [
+    "META_ATTRS",
+    "META_METHODS",
+    "TRACED_TORCH_MODULES",
+    "MapBound",
+    "OpSpec",
+    "classify",
+    "first_operand",
+]
+
+MapBound = Callable[[fx.Node, Callable[[Any], Any], "torch.Size | None"], float]
+"""The constant of a ``"map"`` op: ``bound(node, resolve, shape)``, where ``resolve(arg)``
+returns the value of an argument that does not depend on the input and ``shape`` is the
+first operand's shape, batch dimension included (None without ``input_shape``). It raises
+`lipnets.errors.ShapeRequiredError` when the constant needs the shape, and
+`lipnets.errors.UnboundedModuleError` when the arguments make the map non-Lipschitz."""
+
+TRACED_TORCH_MODULES: frozenset[type[nn.Module]] = frozenset()
+"""torch.nn classes that are traced into rather than kept as leaves when no rule is
+registered for them: each one's ``forward`` is one call of a function this table
+classifies (``nn.GELU`` calls ``F.gelu``), so the function's entry is the one rule for
+both spellings."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +84,9 @@ class OpSpec:
     kind: str
     name: str = ""
     """The op's canonical name within its kind (``"relu"``, ``"mean"``, ``"add"``)."""
-    slope: float | Callable[[fx.Node], float] | None = None
-    """For ``"elementwise"``: the supremum of the slope (Lipschitz constant)."""
+    slope: float | Callable[[fx.Node], float] | MapBound | None = None
+    """For ``"elementwise"``: the supremum of the slope (Lipschitz constant), a number or
+    a function of the node; for ``"map"``: a `MapBound`."""
     inplace: bool = False
 
 

@@ -36,6 +36,7 @@ import lipnets
 import lipnets.functional as LF
 from lipnets.errors import UntraceableModelError
 from lipnets.functional import activations as activations_module
+from lipnets.graph.ops import TRACED_TORCH_MODULES
 
 __all__ = ["TRACE_LOCK", "Tracer", "functions_run", "mutation_in", "trace_graph"]
 
@@ -74,7 +75,7 @@ class Tracer(fx.Tracer):
         if parametrize.is_parametrized(m) and cls.__name__.startswith("Parametrized"):
             cls = cls.__bases__[0]
         torch_class = cls.__module__.startswith(("torch.nn.", "torch.ao.nn."))
-        return torch_class and not isinstance(m, nn.Sequential)
+        return torch_class and not isinstance(m, nn.Sequential) and cls not in TRACED_TORCH_MODULES
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
         if threading.get_ident() != self.thread:  # another thread's forward: run it
