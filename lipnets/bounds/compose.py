@@ -94,7 +94,7 @@ def lipschitz_bound(model: nn.Module, input_shape: Sequence[int] | None = None) 
             the model fails on inputs of that shape.
         NonFiniteError: if a parameter or buffer holds NaN or infinity.
         UnboundedModuleError: if a module or op has no sound bound rule; the
-            message names it, e.g. ``"1 (Hardswish) has no bound rule"``.
+            message names it, e.g. ``"1 (Softplus) has no bound rule"``.
         UntraceableModelError: if torch.fx cannot trace the model, or its
             graph may not compute what the model does; the message names the
             module to give a ``lipschitz_bound`` method.

@@ -16,6 +16,7 @@ from torch import fx, nn
 from lipnets.bounds.registry import as_bound
 from lipnets.bounds.rounding import add_up, div_up, mul_up, root_sum_squares, sqrt_up
 from lipnets.bounds.types import Composition, LeafBound, LeafValue
+from lipnets.bounds.where_rule import compare_bound, where_bound
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError
 from lipnets.functional.norms import spectral_norm_bound
 from lipnets.graph import (
@@ -26,6 +27,7 @@ from lipnets.graph import (
     first_operand,
     flat_nodes,
     module_kind,
+    operand,
     trusted,
     user_name,
 )
@@ -266,7 +268,8 @@ class Fold:
         )
 
     def op_elementwise(self, node, spec, dependent) -> float:
-        self.only_first_dependent(node, dependent)
+        if spec.operand is None:  # else a recognised pattern (Note [Recognised patterns])
+            self.only_first_dependent(node, dependent)
         slope = spec.slope
         try:
             value = float(slope(node) if callable(slope) else slope)  # type: ignore[arg-type]
@@ -274,7 +277,7 @@ class Fold:
             raise UnboundedModuleError(
                 f"{self.where(node)} takes its slope from a value lipnets cannot read: {exc}"
             ) from exc
-        return mul_up(value, self.k(first_operand(node)))
+        return mul_up(value, self.k(operand(node, spec)))
 
     def op_map(self, node, spec, dependent) -> float:
         """A map of the first operand with the constant its `MapBound` computes."""
@@ -312,15 +315,13 @@ class Fold:
         # tuple-valued node (x.unbind(0)), that node's joint constant.
         return self.k(node.args[0] if node.args else node.kwargs["tensors"])
 
-    def op_pad(self, node, spec, dependent) -> float:
-        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-        if mode != "constant":
-            raise UnboundedModuleError(
-                f"{self.where(node)} pads with mode={mode!r}, which repeats entries; only "
-                "constant padding has a bound rule"
-            )
-        self.only_first_dependent(node, dependent)
-        return self.k(first_operand(node))
+    op_pad = op_map  # Note [Padding copies] in lipnets.functional.linear_maps
+
+    def op_compare(self, node, spec, dependent) -> float:
+        return compare_bound(self, node)  # Note [Where with a comparison]
+
+    def op_where(self, node, spec, dependent) -> float:
+        return where_bound(self, node)
 
     def op_linear(self, node, spec, dependent) -> float:
         self.only_first_dependent(node, dependent)

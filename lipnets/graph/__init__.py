@@ -15,7 +15,14 @@ functions with `register_rule_provider`.
 """
 
 from lipnets.graph.faithful import compare, flat_nodes, flat_tensors
-from lipnets.graph.ops import META_ATTRS, META_METHODS, OpSpec, classify, first_operand
+from lipnets.graph.ops import (
+    META_ATTRS,
+    META_METHODS,
+    OpSpec,
+    classify,
+    first_operand,
+    operand,
+)
 from lipnets.graph.policy import (
     check_finite,
     check_model,
@@ -50,6 +57,7 @@ __all__ = [
     "classify",
     "compare",
     "first_operand",
+    "operand",
     "flat_nodes",
     "flat_tensors",
     "hooks_of",

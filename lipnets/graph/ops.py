@@ -16,7 +16,8 @@ Kinds:
   ``repeat``, ``tile``): each entry used ``numel(out) / numel(in)`` times;
 * ``"getitem"``: indexing (advanced indices may repeat entries);
 * ``"cat"``: concatenation or stacking of a sequence of tensors;
-* ``"pad"``: ``F.pad`` (``mode`` decides);
+* ``"pad"``: ``F.pad`` (``mode`` decides; ``slope`` is its `MapBound`, Note [Padding copies]
+  in `lipnets.functional.linear_maps`);
 * ``"alias"``: the same values (``clone``, ``detach``, floating casts);
 * ``"cast"``: a cast to a non-floating dtype (rounds: refused);
 * ``"elementwise"``: a scalar function applied entrywise, with the supremum of
@@ -27,6 +28,9 @@ Kinds:
   Lipschitz constant computed from its constant arguments and the operand's
   shape; each consumer decides separately whether it can propagate the op
   (by ``name``);
+* ``"compare"``: ``<``, ``<=``, ``>``, ``>=`` (a mask: a step function, accepted only as the
+  condition of ``torch.where``, Note [Where with a comparison] in `lipnets.bounds.where_rule`);
+* ``"where"``: ``torch.where(condition, a, b)`` and ``a.where(condition, b)``;
 * ``"sort"``: the sorting activations of `lipnets.functional`;
 * ``"add"``, ``"sub"``, ``"mul"``, ``"div"``, ``"neg"``, ``"pos"``: arithmetic;
 * ``"maxmin"``: ``torch.maximum``/``minimum`` and ``fmax``/``fmin``;
@@ -52,6 +56,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import lipnets.functional as LF
+from lipnets.functional import activation_slopes as AS
+from lipnets.graph import linear_maps as GM
+from lipnets.graph import softmax_maps as SM
 
 __all__ = [
     "META_ATTRS",
@@ -61,6 +68,7 @@ __all__ = [
     "OpSpec",
     "classify",
     "first_operand",
+    "operand",
 ]
 
 MapBound = Callable[[fx.Node, Callable[[Any], Any], "torch.Size | None"], float]
@@ -70,11 +78,30 @@ first operand's shape, batch dimension included (None without ``input_shape``). 
 `lipnets.errors.ShapeRequiredError` when the constant needs the shape, and
 `lipnets.errors.UnboundedModuleError` when the arguments make the map non-Lipschitz."""
 
-TRACED_TORCH_MODULES: frozenset[type[nn.Module]] = frozenset()
+
+def _circular_pad(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    return F.pad(input, module.padding, "circular")
+
+
+TRACED_TORCH_MODULES: dict[type[nn.Module], Callable[..., Any] | None] = {
+    # linear maps: F.interpolate, F.pad (reflect, replicate, circular), F.unfold, F.fold
+    nn.Upsample: None, nn.UpsamplingNearest2d: None, nn.UpsamplingBilinear2d: None,
+    nn.ReflectionPad1d: None, nn.ReflectionPad2d: None, nn.ReflectionPad3d: None,
+    nn.ReplicationPad1d: None, nn.ReplicationPad2d: None, nn.ReplicationPad3d: None,
+    nn.CircularPad1d: _circular_pad, nn.CircularPad2d: _circular_pad,
+    nn.CircularPad3d: _circular_pad, nn.Unfold: None, nn.Fold: None,
+    # activations: F.gelu, F.silu, F.mish, F.hardswish, F.selu, the softmax family
+    nn.GELU: None, nn.SiLU: None, nn.Mish: None, nn.Hardswish: None, nn.SELU: None,
+    nn.Softmax: None, nn.Softmin: None, nn.LogSoftmax: None,
+}  # fmt: skip
 """torch.nn classes that are traced into rather than kept as leaves when no rule is
 registered for them: each one's ``forward`` is one call of a function this table
 classifies (``nn.GELU`` calls ``F.gelu``), so the function's entry is the one rule for
-both spellings."""
+both spellings. The value is None when the tracer follows ``forward`` itself, or the
+functional call ``form(module, *args)`` it records instead, where ``forward`` also checks
+its input in Python (``CircularPad2d`` branches on ``input.dim()``, which fx cannot
+trace; the eager forward still checks it, and the faithfulness check compares the graph
+with it)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +115,10 @@ class OpSpec:
     """For ``"elementwise"``: the supremum of the slope (Lipschitz constant), a number or
     a function of the node; for ``"map"``: a `MapBound`."""
     inplace: bool = False
+    operand: Any = None
+    """For an ``"elementwise"`` entry recognised from a pattern, the node it applies to
+    (``u * torch.sigmoid(u)`` is ``silu(u)``: Note [Recognised patterns]); None for the
+    first operand."""
 
 
 def _arg(node: fx.Node, name: str, position: int, default: Any) -> Any:
@@ -100,6 +131,21 @@ def _leaky(node: fx.Node) -> float:
 
 def _elu(node: fx.Node) -> float:
     return max(1.0, abs(float(_arg(node, "alpha", 1, 1.0))))
+
+
+def _gelu(node: fx.Node) -> float:
+    approximate = _arg(node, "approximate", 1, "none")
+    slopes = {"none": AS.GELU_SLOPE, "tanh": AS.GELU_TANH_SLOPE}
+    if approximate not in slopes:
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return slopes[approximate]
+
+
+def _celu(node: fx.Node) -> float:
+    alpha = float(_arg(node, "alpha", 1, 1.0))
+    if not alpha > 0:  # Note [Maximal slopes of activations]
+        raise ValueError(f"CELU(alpha={alpha}) is not Lipschitz: alpha must be > 0")
+    return AS.CELU_SLOPE
 
 
 _COPY = {
@@ -118,7 +164,16 @@ _ELEMENTWISE: dict[str, float | Callable[[fx.Node], float]] = {
     "relu": 1.0, "tanh": 1.0, "abs": 1.0, "absolute": 1.0, "relu6": 1.0, "hardtanh": 1.0,
     "softsign": 1.0, "logsigmoid": 1.0, "tanhshrink": 1.0, "softshrink": 1.0,
     "sigmoid": 0.25, "hardsigmoid": 1.0 / 6.0, "leaky_relu": _leaky, "elu": _elu,
+    "gelu": _gelu, "silu": AS.SILU_SLOPE, "mish": AS.MISH_SLOPE, "selu": AS.SELU_SLOPE,
+    "hardswish": AS.HARDSWISH_SLOPE, "celu": _celu,
 }  # fmt: skip
+_SOFTMAX = {
+    "softmax": SM.softmax_bound, "softmin": SM.softmax_bound,
+    "log_softmax": SM.log_softmax_bound, "logsumexp": SM.logsumexp_bound,
+}  # fmt: skip
+_MAP_METHODS = {"cumsum": GM.cumsum_bound, "diff": GM.diff_bound, **_SOFTMAX}
+_COMPARE = {"gt": "gt", "greater": "gt", "ge": "ge", "greater_equal": "ge", "lt": "lt"}
+_COMPARE.update({"less": "lt", "le": "le", "less_equal": "le"})
 _ARITH = {"add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "neg"}
 _ARITH_NAME = {"subtract": "sub", "multiply": "mul", "divide": "div", "true_divide": "div"}
 _ARITH_NAME.update({"negative": "neg"})
@@ -158,6 +213,12 @@ def _method_spec(name: str) -> OpSpec | None:
         return OpSpec("reduce", name)
     if name in _FILL_METHODS:
         return OpSpec("fill", _FILL_METHODS[name])
+    if name in _MAP_METHODS:
+        return OpSpec("map", name, _MAP_METHODS[name])
+    if name in _COMPARE:
+        return OpSpec("compare", _COMPARE[name])
+    if name == "where":
+        return OpSpec("where", "where")
     if name == "__getitem__":
         return OpSpec("getitem")
     return None
@@ -181,7 +242,17 @@ _add("replicate", "broadcast_to", torch.broadcast_to)
 _add("getitem", "getitem", operator.getitem)
 _add("cat", "cat", torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack)
 _add("cat", "cat", torch.vstack)
-_add("pad", "pad", F.pad)
+_add("pad", "pad", F.pad, slope=GM.pad_bound)
+_add("map", "interpolate", F.interpolate, slope=GM.interpolate_bound)
+_add("map", "unfold", F.unfold, slope=GM.unfold_bound)
+_add("map", "fold", F.fold, slope=GM.fold_bound)
+_add("map", "cumsum", torch.cumsum, slope=GM.cumsum_bound)
+_add("map", "diff", torch.diff, slope=GM.diff_bound)
+_add("compare", "gt", operator.gt, torch.gt, torch.greater)
+_add("compare", "ge", operator.ge, torch.ge, torch.greater_equal)
+_add("compare", "lt", operator.lt, torch.lt, torch.less)
+_add("compare", "le", operator.le, torch.le, torch.less_equal)
+_add("where", "where", torch.where)
 _add("alias", "clone", torch.clone)
 _add("alias", "detach", torch.detach)
 _add("elementwise", "relu", torch.relu, F.relu, slope=1.0)
@@ -197,6 +268,16 @@ _add("elementwise", "sigmoid", torch.sigmoid, F.sigmoid, slope=0.25)
 _add("elementwise", "hardsigmoid", F.hardsigmoid, slope=1.0 / 6.0)
 _add("elementwise", "leaky_relu", F.leaky_relu, slope=_leaky)
 _add("elementwise", "elu", F.elu, slope=_elu)
+_add("elementwise", "gelu", F.gelu, slope=_gelu)
+_add("elementwise", "silu", F.silu, slope=AS.SILU_SLOPE)
+_add("elementwise", "mish", F.mish, slope=AS.MISH_SLOPE)
+_add("elementwise", "selu", F.selu, torch.selu, slope=AS.SELU_SLOPE)
+_add("elementwise", "celu", F.celu, torch.celu, slope=_celu)
+_add("elementwise", "hardswish", F.hardswish, slope=AS.HARDSWISH_SLOPE)
+_add("map", "softmax", F.softmax, torch.softmax, slope=SM.softmax_bound)
+_add("map", "softmin", F.softmin, slope=SM.softmax_bound)
+_add("map", "log_softmax", F.log_softmax, torch.log_softmax, slope=SM.log_softmax_bound)
+_add("map", "logsumexp", torch.logsumexp, slope=SM.logsumexp_bound)
 _add("sort", "groupsort", LF.group_sort)
 _add("sort", "maxmin", LF.max_min)
 _add("sort", "fullsort", LF.full_sort)
@@ -249,7 +330,9 @@ def classify(node: fx.Node) -> OpSpec | None:
         spec = _method_spec(name[:-1] if inplace else name)
         if spec is None:
             return None
-        return OpSpec(spec.kind, spec.name, spec.slope, inplace) if inplace else spec
+        if inplace:
+            return OpSpec(spec.kind, spec.name, spec.slope, inplace)
+        return (_swish(node) or spec) if spec.kind == "mul" else spec
     if node.op != "call_function":
         return None
     target = node.target
@@ -266,15 +349,58 @@ def classify(node: fx.Node) -> OpSpec | None:
         return None
     if spec is None:
         return None
+    if spec.kind == "mul":
+        return _swish(node) or spec
     if spec.kind == "elementwise" and _inplace_flag(node):
         return OpSpec(spec.kind, spec.name, spec.slope, inplace=True)
     return spec
 
 
+# Note [Recognised patterns]
+# ``u * torch.sigmoid(u)`` (either order; ``torch.mul``, ``*``, ``Tensor.mul``; the sigmoid
+# as torch.sigmoid, F.sigmoid, Tensor.sigmoid or a plain nn.Sigmoid module) is, entry by
+# entry, silu(u): the op table classifies the product as the elementwise entry "silu" with
+# ``operand=u``, so every consumer bounds it as SiLU (Note [Maximal slopes of activations]
+# in `lipnets.functional.activation_slopes`) instead of refusing a product of two
+# input-dependent tensors. Both factors read the same node ``u``, so they have one shape
+# and nothing broadcasts; the sigmoid node is a function of ``u`` alone (a plain call or
+# a module of exactly torch's class, with no extra arguments; in-place updates are refused
+# by the trace's faithfulness rules), so the product is exactly silu(u).
+
+
+def _is_sigmoid_of(node: Any, u: Any) -> bool:
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 1 or node.args[0] is not u:
+        return False
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        module = None if owner is None else owner.get_submodule(str(node.target))
+        return type(module) is nn.Sigmoid
+    if node.op == "call_method":
+        return node.target == "sigmoid"
+    return node.op == "call_function" and node.target in (torch.sigmoid, F.sigmoid)
+
+
+def _swish(node: fx.Node) -> OpSpec | None:
+    """silu(u) for a product ``u * sigmoid(u)`` (Note [Recognised patterns]), else None."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    for u, s in ((a, b), (b, a)):
+        if isinstance(u, fx.Node) and _is_sigmoid_of(s, u):
+            return OpSpec("elementwise", "silu", AS.SILU_SLOPE, operand=u)
+    return None
+
+
+def operand(node: fx.Node, spec: OpSpec) -> Any:
+    """The input of an ``"elementwise"`` op: ``spec.operand`` or the first operand."""
+    return spec.operand if spec.operand is not None else first_operand(node)
+
+
 def _inplace_flag(node: fx.Node) -> bool:
     flag = node.kwargs.get("inplace")
-    if flag is None and node.target in (F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.elu):
-        position = {F.relu: 1, F.relu6: 1, F.leaky_relu: 2, F.elu: 2, F.hardtanh: 3}
+    position = {F.relu: 1, F.relu6: 1, F.leaky_relu: 2, F.elu: 2, F.hardtanh: 3, F.silu: 1}
+    position.update({F.mish: 1, F.hardswish: 1, F.selu: 1, F.celu: 2})
+    if flag is None and node.target in position:
         flag = _arg(node, "inplace", position[node.target], False)
     if isinstance(flag, fx.Node):
         return True  # decided at run time: treat as in place (the stricter reading)

@@ -19,6 +19,7 @@ every module traced into, can be checked (Note [Graph faithfulness] in
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import linecache
 import math
@@ -83,6 +84,9 @@ class Tracer(fx.Tracer):
         self.stack.append((self.path_of_module(m), type(m).__name__))
         if not self.is_leaf_module(m, self.stack[-1][0]):
             self.traced.append(m)
+        form = TRACED_TORCH_MODULES.get(type(m))
+        if form is not None and not self.is_leaf_module(m, self.stack[-1][0]):
+            forward = functools.partial(form, m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -184,6 +188,8 @@ def _scan(filename: str, line: int, name: str) -> str | None:
     tree = _tree(filename)
     if tree is None:
         return "code whose source cannot be read"
+    if name == "<lambda>":
+        return None  # a lambda's body is one expression: no assignment statement fits in it
     # The innermost function around the line (its definition line for a forward).
     best = None
     for n in ast.walk(tree):

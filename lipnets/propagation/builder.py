@@ -35,6 +35,7 @@ from lipnets.graph import META_ATTRS, META_METHODS, TracedGraph, classify, flat_
 from lipnets.propagation import _ops
 from lipnets.propagation._ops import Op
 from lipnets.propagation.graph import Graph, Node, evaluate
+from lipnets.propagation.linear_maps import convert_map
 from lipnets.propagation.rules import propagation_rule
 
 __all__ = ["Builder", "Lazy"]
@@ -192,6 +193,8 @@ class Builder:
             return self.functional_linear(node)
         if spec.kind in _INDEX_KINDS:
             return self.index_op(node)
+        if spec.kind == "map":  # by name (lipnets.propagation.linear_maps.map_rule)
+            return convert_map(self, node, spec)
         raise self.no_rule(node)
 
     def convert_module(self, node: fx.Node) -> int | Lazy:

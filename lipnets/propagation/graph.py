@@ -10,7 +10,7 @@ their class (`lipnets.propagation.rules`). Nodes that do not depend on the
 input (parameters, literals, sizes) are evaluated and kept as constants.
 Anything without a rule raises
 [`UnboundedModuleError`][lipnets.errors.UnboundedModuleError] naming the node,
-e.g. ``"act (Hardswish) has no propagation rule"``.
+e.g. ``"act (Softplus) has no propagation rule"``.
 
 # Note [Graph checked on the balls]
 

@@ -117,7 +117,7 @@ def interval_bounds(
         ValueError: for a NaN or infinite ``x``, a negative or non-finite
             ``eps``, an unknown ``norm``, or a ``spec`` of the wrong shape.
         UnboundedModuleError: if an operation has no propagation rule; the
-            message names the node, e.g. ``"act (Hardswish) has no
+            message names the node, e.g. ``"act (Softplus) has no
             propagation rule"``.
 
     Example:
@@ -198,7 +198,7 @@ def crown_bounds(
         ValueError: for a NaN or infinite ``x``, a negative or non-finite
             ``eps``, an unknown ``norm``, or a ``spec`` of the wrong shape.
         UnboundedModuleError: if an operation has no propagation rule; the
-            message names the node, e.g. ``"act (Hardswish) has no
+            message names the node, e.g. ``"act (Softplus) has no
             propagation rule"``.
         UntraceableModelError: if torch.fx cannot trace the model, or the
             traced graph does not compute what the model computes.

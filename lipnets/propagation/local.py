@@ -259,6 +259,9 @@ def _masked_norm(op: _ops.Affine, rows: Tensor, cols: Tensor) -> Tensor:
 
 def _whole_norm(op: _ops.Affine) -> Tensor:
     """The sound bound of the whole layer (what `lipnets.bounds` uses)."""
+    own = getattr(op, "norm_bound", None)  # ops of lipnets.propagation.linear_maps
+    if own is not None:
+        return own().reshape(())
     if op.module is not None:
         return lipschitz_bound(op.module, input_shape=(1, *op.in_shapes[0])).reshape(())
     assert isinstance(op, _ops.Linear)

@@ -225,7 +225,7 @@ def test_deprecated_spectral_norm_hook_is_refused():
 def test_register_bound_for_a_custom_module_and_bad_registrations():
     class Halve(nn.Module):
         def forward(self, x):
-            return torch.where(x > 0, x, 0.5 * x)
+            return torch.where(x > 0, x, x - 1)  # a jump at 0: refused
 
     with pytest.raises(UnboundedModuleError, match="Halve"):
         lipschitz_bound(nn.Sequential(nn.Linear(3, 3), Halve()))
@@ -241,8 +241,8 @@ def test_register_bound_for_a_custom_module_and_bad_registrations():
         lipschitz_bound(model)
 
 
-def test_transposed_conv_has_no_rule():
-    # nn.Conv2d has a rule (tests/bounds/test_conv_bound.py); its transpose does not,
-    # and must raise.
-    with pytest.raises(UnboundedModuleError, match=r"0 \(ConvTranspose2d\) has no bound rule"):
-        lipschitz_bound(nn.Sequential(nn.ConvTranspose2d(1, 1, 3)))
+def test_transposed_conv3d_has_no_rule():
+    # 1-D and 2-D transposed convolutions have rules (tests/bounds/test_linear_op_bounds.py);
+    # the 3-D one does not, and must raise.
+    with pytest.raises(UnboundedModuleError, match=r"0 \(ConvTranspose3d\) has no bound rule"):
+        lipschitz_bound(nn.Sequential(nn.ConvTranspose3d(1, 1, 3)))

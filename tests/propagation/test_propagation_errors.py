@@ -78,8 +78,8 @@ class Pair(nn.Module):
     ("model", "message"),
     [
         (
-            lambda: nn.Sequential(nn.Linear(4, 4), nn.Hardswish()).to(DT),
-            "1 (Hardswish) has no propagation rule",
+            lambda: nn.Sequential(nn.Linear(4, 4), nn.Softplus()).to(DT),
+            "1 (Softplus) has no propagation rule",
         ),
         (Tanh, "node 'tanh' (tanh) has no propagation rule"),
         (Square, "multiplies two input-dependent tensors"),
