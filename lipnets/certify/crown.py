@@ -126,9 +126,11 @@ def certify_crown(
     Example:
         A linear classifier whose decision boundary is at distance
         $1/\sqrt2 \approx 0.707$ from the input: CROWN certifies radius 0.7
-        but not 0.72 (it is exact on a linear model). IBP bounds the two
-        scores separately and subtracts the bounds ($1 - \varepsilon >
-        \varepsilon$), which certifies only radii below 0.5.
+        but not 0.72 (it is exact on a linear model). IBP folds the margin
+        into the last affine layer (Note [Specification folded into the last
+        affine layer] in `lipnets.propagation.lirpa`), which is exact on this
+        one-layer model too; bounding the two scores separately and subtracting
+        ($1 - \varepsilon > \varepsilon$) would certify only radii below 0.5.
 
         >>> import torch
         >>> from lipnets.certify import certify_crown
@@ -138,9 +140,9 @@ def certify_crown(
         >>> x, y = torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.tensor([0])
         >>> certify_crown(model, x, y, 0.7).item(), certify_crown(model, x, y, 0.72).item()
         (True, False)
-        >>> certify_crown(model, x, y, 0.45, method="ibp").item()
+        >>> certify_crown(model, x, y, 0.7, method="ibp").item()
         True
-        >>> certify_crown(model, x, y, 0.55, method="ibp").item()
+        >>> certify_crown(model, x, y, 0.72, method="ibp").item()
         False
 
     References:
