@@ -31,11 +31,17 @@ import torch
 from torch import Tensor, fx
 
 from lipnets.errors import UnboundedModuleError
-from lipnets.graph import META_ATTRS, META_METHODS, TracedGraph, classify, flat_nodes
+from lipnets.graph import META_ATTRS, META_METHODS, TracedGraph, classify, flat_nodes, operand
 from lipnets.propagation import _ops
 from lipnets.propagation._ops import Op
 from lipnets.propagation.graph import Graph, Node, evaluate
 from lipnets.propagation.linear_maps import convert_map
+from lipnets.propagation.nonlinear import (
+    convert_elementwise,
+    convert_max_pool,
+    convert_maxmin,
+    function_params,
+)
 from lipnets.propagation.rules import propagation_rule
 
 __all__ = ["Builder", "Lazy"]
@@ -174,8 +180,11 @@ class Builder:
         if spec is None:
             raise self.no_rule(node)
         first = node.args[0] if node.args else node.kwargs.get("input")
-        if spec.kind == "elementwise" and spec.name == "relu":
-            return self.relu(node, first)
+        if spec.kind == "elementwise":
+            params = function_params(self, node, spec.name)
+            return self.elementwise(node, operand(node, spec), spec.name, params)
+        if spec.kind == "maxmin":
+            return self.maxmin(node, spec.name)
         if spec.kind == "sort":
             bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)  # type: ignore[arg-type]
             bound.apply_defaults()
@@ -211,6 +220,21 @@ class Builder:
         src = self.materialize(source, node)
         shape = self.nodes[src].shape
         return self.add(_ops.ReLU([shape], shape), [src], shape, self.where(node))
+
+    def elementwise(
+        self, node: fx.Node, source: Any, name: str, params: dict[str, Any] | None = None
+    ) -> int:
+        """An activation by its op-table name (``"tanh"``, ``"leaky_relu"``, ...), for the
+        function, method and module spellings alike (`lipnets.propagation.nonlinear`)."""
+        return convert_elementwise(self, node, source, name, params or {})
+
+    def maxmin(self, node: fx.Node, name: str) -> int:
+        """``torch.maximum``/``minimum`` (Note [Maxima as comparators])."""
+        return convert_maxmin(self, node, name)
+
+    def max_pool(self, node: fx.Node, source: Any, module: Any) -> int:
+        """``nn.MaxPool1d/2d/3d`` (Note [Maxima as comparators])."""
+        return convert_max_pool(self, node, source, module)
 
     def affine(self, node: fx.Node, source: Any, make: Any) -> int:
         """An affine op built by ``make(in_shape, out_shape)`` on ``source``."""

@@ -154,8 +154,10 @@ def crown_bounds(
 ) -> Bounds:
     r"""Bounds of a model's outputs over norm balls by backward linear relaxation (CROWN).
 
-    Each ReLU is bounded by two lines over the interval of its input (Note
-    [ReLU relaxation] in `lipnets.propagation.propagator`); a backward pass
+    Each ReLU, Tanh, Sigmoid, GELU and SiLU is bounded by two lines over the
+    interval of its input (Note [ReLU relaxation] in
+    `lipnets.propagation.propagator`, Note [Relaxations of smooth activations]
+    in `lipnets.propagation.ops_elementwise`); a backward pass
     through the graph then gives, for each output, linear functions
     $a^\top x + c$ below and above it on the ball, whose extrema are
     $a^\top x_0 + c \mp \varepsilon \|a\|_*$ (the dual norm: $\|a\|_1$ for an
@@ -175,7 +177,14 @@ def crown_bounds(
     PixelUnshuffle, ChannelShuffle; flatten, reshapes, permutations, slicing,
     ``cat``/``stack``, ``F.pad`` (Note [Index operations]); ``+``, ``-``
     (residual connections), multiplication and division by constants; ``sum``
-    and ``mean`` over non-batch dimensions; Identity and Dropout (eval).
+    and ``mean`` over non-batch dimensions; Identity and Dropout (eval);
+    LeakyReLU (any slope, rewritten exactly into a ReLU), Tanh, Sigmoid, GELU
+    (both forms), SiLU (also ``x * torch.sigmoid(x)``), ``torch.maximum`` /
+    ``minimum`` (comparators), MaxPool1d/2d/3d (tournaments of comparators);
+    ConvTranspose1d/2d/3d, interpolation, reflect/replicate/circular
+    padding, unfold/fold, ``cumsum`` and ``diff`` (Note [Affine maps of the
+    op table] in `lipnets.propagation.linear_maps`). The op table with every
+    op's coverage is in docs/bounds.md.
 
     Args:
         model: an ``nn.Module`` built from the supported operations, taking

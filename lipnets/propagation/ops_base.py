@@ -1,12 +1,15 @@
-r"""The base of the operations of a propagation graph: the `Op` contract, and `ReLU`.
+r"""The base of the operations of a propagation graph: the `Op` contract, `Elementwise`, `ReLU`.
 
 A propagation graph (built by `lipnets.propagation.builder` from a traced model)
-has one nonlinear operation, `ReLU`; every other node is *affine* in its
-inputs (`lipnets.propagation.ops_affine`, `lipnets.propagation.ops_structural`).
-Sorting activations (MaxMin, GroupSort, FullSort) are rewritten into
-comparator layers made of two affine nodes around a ReLU
+is made of *affine* operations (`lipnets.propagation.ops_affine`,
+`lipnets.propagation.ops_structural`) and *elementwise* ones (`Elementwise`):
+a scalar function applied entry by entry, which the propagation relaxes by
+two lines per entry. `ReLU` is the one every rewrite uses; the smooth
+activations are in `lipnets.propagation.ops_elementwise`. Sorting activations
+(MaxMin, GroupSort, FullSort), ``torch.maximum``/``minimum`` and max pooling
+are rewritten into comparator layers made of two affine nodes around a ReLU
 (`lipnets.propagation.ops_compare`, Note [Comparators as ReLUs] in
-`lipnets.propagation.rules`).
+`lipnets.propagation.rules`); LeakyReLU into a ReLU and an affine node.
 
 Tensors are batched: a node's value has shape $(N, *S)$ with $S$ the
 per-sample shape. A *coefficient* tensor of backward propagation has shape
@@ -19,10 +22,16 @@ affine operation $y = W x + b$ answers:
 * ``backward``: given coefficients $A$ of the output, the coefficients
   $A W$ of each input and the constant $A b$ (the adjoint, applied to $K$
   rows per sample at once).
+
+An elementwise operation answers ``forward``, ``interval`` and, instead of
+``backward``, ``relaxation`` (its lines, which `lipnets.propagation.propagator`
+uses in the backward pass) and ``inexact`` (the entries whose lines are not
+exact, which CROWN tightens).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +41,9 @@ __all__: list[str] = []
 
 Coeffs = tuple[list["Tensor | None"], "Tensor | None"]
 """What ``backward`` returns: one coefficient tensor per input (or None), and a constant."""
+Relaxation = tuple[Tensor, "Tensor | None", Tensor, Tensor]
+"""What ``Elementwise.relaxation`` returns: (lower slope, lower intercept or None for 0,
+upper slope, upper intercept), each shaped like the input's bounds."""
 
 
 def _bias_term(a: Tensor, bias: Tensor | None) -> Tensor | None:
@@ -66,13 +78,72 @@ class Op:
         raise NotImplementedError
 
 
-class ReLU(Op):
-    """$y = \\max(x, 0)$, the only nonlinear operation; relaxed by the engine."""
+class Elementwise(Op):
+    """$y_i = f(x_i)$ for a scalar function $f$: one input, the output of the same shape.
+
+    ``relaxation(lower, upper)`` returns, per entry, lines $a_l x + b_l \\le f(x)
+    \\le a_u x + b_u$ valid for every $x \\in [l, u]$ (Note [Relaxations of
+    smooth activations] in `lipnets.propagation.ops_elementwise`; Note [ReLU
+    relaxation] in `lipnets.propagation.propagator`); an entry whose bounds
+    are NaN gets NaN lines. ``slope`` is the supremum of $|f'|$ (the
+    function's Lipschitz constant), rounded up.
+    """
+
+    kind = "elementwise"
+    slope = 1.0
+
+    def function(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, xs: list[Tensor]) -> Tensor:
+        return self.function(xs[0])
+
+    def interval(self, lows: list[Tensor], ups: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The image of the box for a nondecreasing $f$ (others override it)."""
+        return self.function(lows[0]), self.function(ups[0])
+
+    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        raise NotImplementedError
+
+    def inexact(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """The entries whose lines are not exact on $[l, u]$ (what tightening can improve)."""
+        return lower < upper
+
+
+def relu_relaxation(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(lower slope, upper slope, upper intercept) of Note [ReLU relaxation] in
+    `lipnets.propagation.propagator`."""
+    active = lower >= 0
+    unstable = ~active & (upper > 0)
+    ones = active.to(lower.dtype)
+    width = torch.where(unstable, upper - lower, torch.ones_like(lower))
+    slope_up = torch.where(unstable, upper / width, ones)
+    intercept = torch.where(unstable, -slope_up * lower, torch.zeros_like(lower))
+    slope_lo = torch.where(unstable, (upper > -lower).to(lower.dtype), ones)
+    unknown = torch.isnan(lower) | torch.isnan(upper)  # Note [Floating-point rounding] in lirpa
+    if bool(unknown.any()):
+        nan = torch.full_like(lower, math.nan)
+        slope_lo, slope_up, intercept = (
+            torch.where(unknown, nan, t) for t in (slope_lo, slope_up, intercept)
+        )
+    return slope_lo, slope_up, intercept
+
+
+class ReLU(Elementwise):
+    """$y = \\max(x, 0)$, relaxed by Note [ReLU relaxation] in `lipnets.propagation.propagator`.
+
+    Its lower line goes through the origin (intercept None: the backward pass
+    adds no term for it).
+    """
 
     kind = "relu"
 
-    def forward(self, xs: list[Tensor]) -> Tensor:
-        return torch.relu(xs[0])
+    def function(self, x: Tensor) -> Tensor:
+        return torch.relu(x)
 
-    def interval(self, lows: list[Tensor], ups: list[Tensor]) -> tuple[Tensor, Tensor]:
-        return torch.relu(lows[0]), torch.relu(ups[0])
+    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        slope_lo, slope_up, intercept = relu_relaxation(lower, upper)
+        return slope_lo, None, slope_up, intercept
+
+    def inexact(self, lower: Tensor, upper: Tensor) -> Tensor:
+        return (lower < 0) & (upper > 0)

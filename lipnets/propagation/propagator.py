@@ -1,10 +1,25 @@
 r"""The propagation passes over a graph: interval bounds of every node, CROWN-tightened.
 
 `Propagator` gives each node of a propagation graph (`lipnets.propagation.graph`)
-interval bounds from its inputs' bounds, tightens the inputs of ReLUs by
-backward CROWN passes, and bounds linear functions of a node by a backward
-pass; `lipnets.propagation.lirpa` turns this into `interval_bounds` and
-`crown_bounds` (Note [CROWN never looser than IBP] there).
+interval bounds from its inputs' bounds, tightens the inputs of elementwise
+operations (ReLU, tanh, ...) by backward CROWN passes, and bounds linear
+functions of a node by a backward pass; `lipnets.propagation.lirpa` turns this
+into `interval_bounds` and `crown_bounds` (Note [CROWN never looser than IBP]
+there).
+
+# Note [Elementwise operations in the backward pass]
+
+Every elementwise node $y = f(x)$ has, per entry, lines $a_l x + b_l \le f(x)
+\le a_u x + b_u$ on the interval of its input (`Elementwise.relaxation` in
+`lipnets.propagation.ops_base`). A lower bound of $c^\top y$ follows from
+$c_i f(x_i) \ge c_i (a_l x_i + b_l)$ where $c_i \ge 0$ and $c_i (a_u x_i +
+b_u)$ where $c_i < 0$: the coefficients of $x$ are $c^+ a_l + c^- a_u$ and
+the constant $c^+ \cdot b_l + c^- \cdot b_u$. ReLU is the case $b_l = 0$
+(no term), with the formula it always had, so its bounds are unchanged to
+the bit. The input of an elementwise node is tightened on the entries whose
+lines are not exact (``inexact``: for a ReLU the unstable ones, for a smooth
+function every entry of positive width); a node read by several elementwise
+nodes is tightened on the union.
 
 # Note [ReLU relaxation]
 
@@ -48,20 +63,7 @@ _DENSE_ROWS = 2**24
 
 def relaxation(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(lower slope, upper slope, upper intercept) of Note [ReLU relaxation]."""
-    active = lower >= 0
-    unstable = ~active & (upper > 0)
-    ones = active.to(lower.dtype)
-    width = torch.where(unstable, upper - lower, torch.ones_like(lower))
-    slope_up = torch.where(unstable, upper / width, ones)
-    intercept = torch.where(unstable, -slope_up * lower, torch.zeros_like(lower))
-    slope_lo = torch.where(unstable, (upper > -lower).to(lower.dtype), ones)
-    unknown = torch.isnan(lower) | torch.isnan(upper)  # Note [Floating-point rounding] in lirpa
-    if bool(unknown.any()):
-        nan = torch.full_like(lower, math.nan)
-        slope_lo, slope_up, intercept = (
-            torch.where(unknown, nan, t) for t in (slope_lo, slope_up, intercept)
-        )
-    return slope_lo, slope_up, intercept
+    return _ops.relu_relaxation(lower, upper)
 
 
 class Propagator:
@@ -80,10 +82,13 @@ class Propagator:
         self.crown = crown
         self.lows: list[Tensor] = []
         self.ups: list[Tensor] = []
-        self.relax: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self.relax: dict[int, _ops.Relaxation] = {}
         self.ball: set[int] = {0}
         self.exact: set[int] = {0}  # nodes whose interval is exact on the ball
-        self.pre = {node.inputs[0] for node in self.nodes if isinstance(node.op, _ops.ReLU)}
+        self.pre: dict[int, list[_ops.Elementwise]] = {}  # inputs of elementwise nodes
+        for node in self.nodes:
+            if isinstance(node.op, _ops.Elementwise):
+                self.pre.setdefault(node.inputs[0], []).append(node.op)
 
     def radius(self, ndim: int) -> Tensor:
         return self.eps.reshape(self.n, *([1] * ndim))
@@ -95,9 +100,9 @@ class Propagator:
             self.ups.append(up)
             if self.crown and node.index in self.pre and node.index not in self.exact:
                 self.tighten(node.index)
-            if isinstance(node.op, _ops.ReLU) and self.crown:
+            if isinstance(node.op, _ops.Elementwise) and self.crown:
                 i = node.inputs[0]
-                self.relax[node.index] = relaxation(self.lows[i], self.ups[i])
+                self.relax[node.index] = node.op.relaxation(self.lows[i], self.ups[i])
         return self
 
     def interval(self, node) -> tuple[Tensor, Tensor]:
@@ -127,10 +132,14 @@ class Propagator:
         return max(1, _BUDGET // max(1, self.n * largest))
 
     def tighten(self, index: int) -> None:
-        """Intersect a ReLU input's interval with CROWN bounds on its unstable entries."""
+        """Intersect an elementwise node's input interval with CROWN bounds on its inexact
+        entries (Note [Elementwise operations in the backward pass])."""
         lo, up = self.lows[index], self.ups[index]
         flat_lo, flat_up = lo.reshape(self.n, -1).clone(), up.reshape(self.n, -1).clone()
-        unstable = (flat_lo < 0) & (flat_up > 0)
+        consumers = self.pre[index]
+        unstable = consumers[0].inexact(flat_lo, flat_up)
+        for op in consumers[1:]:
+            unstable = unstable | op.inexact(flat_lo, flat_up)
         counts = unstable.sum(1)
         most = int(counts.max())
         if most == 0:
@@ -192,11 +201,14 @@ class Propagator:
             node = self.nodes[i]
             if node.op is None:
                 at_input = a
-            elif isinstance(node.op, _ops.ReLU):
-                slope_lo, slope_up, intercept = self.relax[i]
+            elif isinstance(node.op, _ops.Elementwise):
+                # Note [Elementwise operations in the backward pass]
+                slope_lo, intercept_lo, slope_up, intercept = self.relax[i]
                 # pos * slope_lo + neg * slope_up with fewer temporaries (a = pos + neg)
                 neg = a.clamp_max(0)
                 bias = bias + _rowdot(neg, intercept)
+                if intercept_lo is not None:
+                    bias = bias + _rowdot(a.clamp_min(0), intercept_lo)
                 a_in = a * slope_lo.unsqueeze(1)
                 a_in.addcmul_(neg, (slope_up - slope_lo).unsqueeze(1))
                 accumulate(node.inputs[0], a_in)

@@ -13,7 +13,9 @@ instance, no hook). lipnets' own layers register here like any user layer.
 A comparator on a pair $(a, b)$ writes $\min(a, b)$ and $\max(a, b)$, and
 $\min(a, b) = a - \mathrm{relu}(a - b)$, $\max(a, b) = b + \mathrm{relu}(a -
 b)$. So one comparator layer (disjoint pairs) is a `Difference`, a `ReLU` and
-a `Compare` node, and bound propagation needs no rule but the ReLU's. MaxMin
+a `Compare` node, and bound propagation needs no rule but the ReLU's (``torch.maximum``,
+``torch.minimum`` and max pooling are comparators too: Note [Maxima as comparators] in
+`lipnets.propagation.nonlinear`). MaxMin
 is one layer with the pair $(2i + 1, 2i)$ (the max goes first: Note [MaxMin
 ties] in `lipnets.functional.activations`); GroupSort sorts each contiguous
 group of ``group_size`` channels ascending with Batcher's merge-exchange
@@ -96,6 +98,26 @@ def propagation_rule(module: nn.Module) -> PropagationRule | None:
 @register_propagation(nn.ReLU)
 def _relu(b: Builder, node: fx.Node, module: nn.Module, source: fx.Node) -> int:
     return b.relu(node, source)
+
+
+@register_propagation(nn.Tanh)
+def _tanh(b: Builder, node: fx.Node, module: nn.Module, source: fx.Node) -> int:
+    return b.elementwise(node, source, "tanh")
+
+
+@register_propagation(nn.Sigmoid)
+def _sigmoid(b: Builder, node: fx.Node, module: nn.Module, source: fx.Node) -> int:
+    return b.elementwise(node, source, "sigmoid")
+
+
+@register_propagation(nn.LeakyReLU)
+def _leaky_relu(b: Builder, node: fx.Node, module: Any, source: fx.Node) -> int:
+    return b.elementwise(node, source, "leaky_relu", {"negative_slope": module.negative_slope})
+
+
+@register_propagation(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+def _max_pool(b: Builder, node: fx.Node, module: nn.Module, source: fx.Node) -> int:
+    return b.max_pool(node, source, module)
 
 
 @register_propagation(MaxMin)
