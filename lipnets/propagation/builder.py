@@ -33,6 +33,7 @@ from torch import Tensor, fx
 from lipnets.errors import UnboundedModuleError
 from lipnets.graph import META_ATTRS, META_METHODS, TracedGraph, classify, flat_nodes, operand
 from lipnets.propagation import _ops
+from lipnets.propagation import ops_softmax as ops_softmax  # registers its map rules
 from lipnets.propagation._ops import Op
 from lipnets.propagation.graph import Graph, Node, evaluate
 from lipnets.propagation.linear_maps import convert_map

@@ -181,6 +181,7 @@ def crown_bounds(
     LeakyReLU (any slope, rewritten exactly into a ReLU), Tanh, Sigmoid, GELU
     (both forms), SiLU (also ``x * torch.sigmoid(x)``), ``torch.maximum`` /
     ``minimum`` (comparators), MaxPool1d/2d/3d (tournaments of comparators);
+    softmax, softmin and log_softmax (Note [Softmax intervals]);
     ConvTranspose1d/2d/3d, interpolation, reflect/replicate/circular
     padding, unfold/fold, ``cumsum`` and ``diff`` (Note [Affine maps of the
     op table] in `lipnets.propagation.linear_maps`). The op table with every
