@@ -1,0 +1,151 @@
+"""The auto_LiRPA side of `benchmarks/autolirpa.py` (not part of the library).
+
+`benchmarks/autolirpa.py` runs this file with the Python of its own
+virtualenv (torch < 2.9 and auto_LiRPA, see that script), as a long-lived
+child process. The protocol is one JSON object per line:
+
+* the worker first writes ``{"ready": true, "torch": ..., "auto_LiRPA": ...}``;
+* then, for each line ``{"job": DIR}`` it reads on stdin, it loads
+  ``DIR/job.json`` (the architecture, the ball, the method and optional
+  ``bound_opts`` for ``BoundedModule``) and
+  ``DIR/tensors.pt`` (``state``: the state dict, ``x``: the centres, ``C``:
+  an optional specification), computes the bounds with auto_LiRPA, saves
+  ``{"lower", "upper"}`` to ``DIR/bounds.pt`` and answers
+  ``{"ok": true, "seconds": ...}``, or ``{"ok": false, "error": ...}``;
+* an empty line or the end of stdin ends it.
+
+Everything auto_LiRPA prints goes to stderr, which keeps stdout for the
+protocol. The architecture description and `build_model` are shared with the
+lipnets side, which imports this module (auto_LiRPA is only imported by
+`main`), so both processes build the same ``nn.Sequential``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+
+#: Layer descriptions: ``{"type": name, ...arguments}``.
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
+
+
+def build_model(arch: list[dict], gelu: type[nn.Module] = nn.GELU) -> nn.Sequential:
+    """The ``nn.Sequential`` described by ``arch`` (float64, default initialisation).
+
+    ``gelu`` replaces ``nn.GELU`` (auto_LiRPA needs its own marker op for it);
+    it must compute the same function and have no parameters.
+    """
+    layers: list[nn.Module] = []
+    for spec in arch:
+        kind = spec["type"]
+        if kind == "linear":
+            layers.append(nn.Linear(spec["in"], spec["out"]))
+        elif kind == "conv2d":
+            layers.append(
+                nn.Conv2d(
+                    spec["in"],
+                    spec["out"],
+                    spec["kernel"],
+                    stride=spec.get("stride", 1),
+                    padding=spec.get("padding", 0),
+                )
+            )
+        elif kind == "flatten":
+            layers.append(nn.Flatten())
+        elif kind == "maxpool2d":
+            layers.append(nn.MaxPool2d(spec["kernel"], stride=spec.get("stride")))
+        elif kind == "relu":
+            layers.append(nn.ReLU())
+        elif kind == "leaky_relu":
+            layers.append(nn.LeakyReLU(spec["slope"]))
+        elif kind == "tanh":
+            layers.append(nn.Tanh())
+        elif kind == "sigmoid":
+            layers.append(nn.Sigmoid())
+        elif kind == "gelu":
+            layers.append(gelu())
+        else:
+            raise ValueError(f"unknown layer type {kind!r}")
+    return nn.Sequential(*layers).double()
+
+
+def _gelu_module() -> type[nn.Module]:
+    """An exact GELU that exports as ``custom::Gelu``, the op auto_LiRPA bounds as GELU."""
+
+    class _Gelu(torch.autograd.Function):
+        @staticmethod
+        def symbolic(g, x):
+            return g.op("custom::Gelu", x)
+
+        @staticmethod
+        def forward(ctx, x):
+            return nn.functional.gelu(x)
+
+    class Gelu(nn.Module):
+        def forward(self, x):
+            return _Gelu.apply(x)
+
+    return Gelu
+
+
+def _run(job_dir: str) -> float:
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+
+    with open(os.path.join(job_dir, "job.json")) as f:
+        job = json.load(f)
+    tensors = torch.load(os.path.join(job_dir, "tensors.pt"), weights_only=True)
+    model = build_model(job["arch"], gelu=_gelu_module())
+    model.load_state_dict(tensors["state"])
+    model.eval()
+    x = tensors["x"]
+    spec = tensors.get("C")
+    norm = float("inf") if job["norm"] == "inf" else float(job["norm"])
+    start = time.perf_counter()
+    bounded = BoundedModule(model, x, bound_opts=job.get("bound_opts"), device="cpu", verbose=False)
+    ptb = PerturbationLpNorm(norm=norm, eps=float(job["eps"]))
+    lower, upper = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=spec, method=job["method"])
+    seconds = time.perf_counter() - start
+    torch.save(
+        {"lower": lower.detach().clone(), "upper": upper.detach().clone()},
+        os.path.join(job_dir, "bounds.pt"),
+    )
+    return seconds
+
+
+def main() -> None:
+    # The protocol keeps the real stdout; everything else printed to fd 1 goes to stderr.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    torch.set_default_dtype(torch.float64)
+    if len(sys.argv) > 1:
+        torch.set_num_threads(int(sys.argv[1]))
+    import auto_LiRPA
+
+    proto.write(
+        json.dumps(
+            {"ready": True, "torch": torch.__version__, "auto_LiRPA": auto_LiRPA.__version__}
+        )
+        + "\n"
+    )
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        request = json.loads(line)
+        try:
+            answer = {"ok": True, "seconds": _run(request["job"])}
+        except Exception as err:  # reported to the main script, which records it
+            traceback.print_exc()
+            answer = {"ok": False, "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+        proto.write(json.dumps(answer) + "\n")
+    proto.close()
+
+
+if __name__ == "__main__":
+    main()
