@@ -62,8 +62,7 @@ logsumexp over the dims $D$ has gradient $p$ (the softmax over the joint fibre) 
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
+from lipnets.functional.linear_maps import copies_norm
 
 __all__ = [
     "CELU_SLOPE",
@@ -102,7 +101,4 @@ LOGSUMEXP_CONSTANT = 1.0
 def log_softmax_constant(n: int) -> float:
     r"""$\sqrt n$ rounded up: log_softmax over a fibre of size ``n`` (Note [Softmax
     Jacobian]); 0 for ``n <= 1`` (a fibre of size 1 maps to the constant 0)."""
-    if n <= 1:
-        return 0.0
-    root = math.sqrt(n)
-    return root if Fraction(root) ** 2 >= n else math.nextafter(root, math.inf)  # exactly
+    return copies_norm(n) if n > 1 else 0.0
