@@ -126,3 +126,25 @@ def trained_digits_model(
     finally:
         torch.set_num_threads(threads)
     return as_float64(model.eval()), x[test].double(), y[test]
+
+
+class Fn(nn.Module):
+    """A model that runs one function (a lambda or a def), for tracing tests."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def assert_within(y: torch.Tensor, bounds, what: str) -> None:
+    """Every sampled output ``y`` (..., N, M) within ``bounds`` (N, M), to 1e-9 relative."""
+    scale = float(torch.maximum(bounds.lower.abs(), bounds.upper.abs()).max())
+    tol = 1e-9 * (1.0 + scale)
+    below = float((bounds.lower - y).max())
+    above = float((y - bounds.upper).max())
+    assert below <= tol and above <= tol, (
+        f"{what}: a point leaves the bounds by {max(below, above)}"
+    )

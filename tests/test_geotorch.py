@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lipnets
-from lipnets.propagation import Bounds, crown_bounds, interval_bounds
+from lipnets.propagation import crown_bounds, interval_bounds
 
-from .helpers import dense_jacobian, spectral_norm
+from .helpers import assert_within, dense_jacobian, spectral_norm
 
 DT = torch.float64
 REL = 1e-6  # the bound may exceed the exact float64 norm by this much, relatively
@@ -194,14 +194,6 @@ def _l2_ball(x: torch.Tensor, eps: float, count: int, gen: torch.Generator) -> t
     return x.unsqueeze(0) + eps * (r * d).reshape(shape)
 
 
-def _assert_within(y: torch.Tensor, bounds: Bounds, what: str) -> None:
-    scale = float(torch.maximum(bounds.lower.abs(), bounds.upper.abs()).max())
-    tol = 1e-9 * (1.0 + scale)
-    below = float((bounds.lower - y).max())
-    above = float((y - bounds.upper).max())
-    assert below <= tol and above <= tol, f"{what}: a point leaves by {max(below, above)}"
-
-
 def _conv_net(seed: int) -> nn.Sequential:
     return nn.Sequential(
         _orthogonal(nn.Conv2d(2, 3, 3, padding=1, dtype=DT), seed),
@@ -232,9 +224,9 @@ def test_propagation_contains_sampled_outputs(name: str) -> None:
     with torch.no_grad():
         y = model(points.flatten(0, 1)).reshape(POINTS, *ibp.lower.shape)
         centre = model(x)
-    _assert_within(y, ibp, f"{name} IBP")
-    _assert_within(y, crown, f"{name} CROWN")
-    _assert_within(centre.unsqueeze(0), crown, f"{name} centre")
+    assert_within(y, ibp, f"{name} IBP")
+    assert_within(y, crown, f"{name} CROWN")
+    assert_within(centre.unsqueeze(0), crown, f"{name} centre")
     assert (crown.lower >= ibp.lower).all() and (crown.upper <= ibp.upper).all()
     # correct, not only sound: the ball's sampled range reaches into the bounds, and a
     # radius of 0 gives the output itself

@@ -40,19 +40,10 @@ Resolve = Callable[[Any], Any]
 
 
 def _name(node: fx.Node) -> str:
-    """Where the node is, for messages (as `lipnets.graph.TracedGraph.where` says it)."""
-    from lipnets.graph.trace import user_name  # (trace imports the op table, which imports this)
+    """Where the node is, for messages (`lipnets.graph.trace.op_where`)."""
+    from lipnets.graph.trace import op_where  # (trace imports the op table, which imports this)
 
-    target = node.target
-    desc = f"Tensor.{target}" if node.op == "call_method" else getattr(target, "__name__", "")
-    desc = f"node '{node.name}' ({desc or target})"
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        qualname, cls = list(stack.values())[-1][:2]
-        cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
-        if qualname not in ("", "0") or len(stack) > 1:
-            return f"{user_name(qualname)} ({cls_name}), {desc}"
-    return desc
+    return op_where(node)
 
 
 def _refuse(node: fx.Node, why: str) -> UnboundedModuleError:

@@ -169,16 +169,7 @@ class TracedGraph:
         """Where ``node`` is, for messages: the module's name and class, or the op inside it."""
         if node.op == "call_module":
             return f"{user_name(str(node.target))} ({module_kind(self.module(node))})"
-        target = node.target
-        desc = f"Tensor.{target}" if node.op == "call_method" else getattr(target, "__name__", "")
-        desc = f"node '{node.name}' ({desc or target})"
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            qualname, cls = list(stack.values())[-1][:2]
-            cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
-            if qualname not in ("", "0") or len(stack) > 1:
-                return f"{user_name(qualname)} ({cls_name}), {desc}"
-        return desc
+        return op_where(node)
 
     def shapes(self, input_shape: torch.Size) -> dict[fx.Node, torch.Size]:
         """Every tensor node's shape for inputs of ``input_shape``, after the eager check.
@@ -248,6 +239,21 @@ def user_name(qualname: str) -> str:
     if qualname in ("0", ""):
         return "the model"
     return qualname.removeprefix("0.")
+
+
+def op_where(node: fx.Node) -> str:
+    """Where a function or method node is, for messages: the op, and the module whose
+    ``forward`` recorded it (what `TracedGraph.where` says of such nodes)."""
+    target = node.target
+    desc = f"Tensor.{target}" if node.op == "call_method" else getattr(target, "__name__", "")
+    desc = f"node '{node.name}' ({desc or target})"
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        qualname, cls = list(stack.values())[-1][:2]
+        cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+        if qualname not in ("", "0") or len(stack) > 1:
+            return f"{user_name(qualname)} ({cls_name}), {desc}"
+    return desc
 
 
 def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> TracedGraph:

@@ -47,7 +47,14 @@ from lipnets.propagation.rules import register_propagation
 if TYPE_CHECKING:
     from lipnets.propagation.builder import Builder, Lazy
 
-__all__ = ["ConvTranspose", "PatchSum", "SeparableLinear", "convert_map", "map_rule"]
+__all__ = [
+    "ConvTranspose",
+    "PatchSum",
+    "SeparableLinear",
+    "convert_map",
+    "map_rule",
+    "per_sample_dim",
+]
 
 _EPS64 = torch.finfo(torch.float64).eps
 _OPERATOR_LIMIT = 2**24
@@ -277,7 +284,9 @@ def _interpolate(b: Builder, node: fx.Node) -> int | Lazy:
     return _separable(b, node, mats)
 
 
-def _dim(b: Builder, node: fx.Node, dim: Any) -> int:
+def per_sample_dim(b: Builder, node: fx.Node, dim: Any) -> int:
+    """The dim (counting the batch) an op of the node's first operand runs along, as a
+    non-negative index; refused for the batch dimension."""
     source = node.args[0] if node.args else node.kwargs["input"]
     shape = b.value[source].shape
     try:
@@ -291,7 +300,7 @@ def _dim(b: Builder, node: fx.Node, dim: Any) -> int:
 @map_rule("cumsum")
 def _cumsum(b: Builder, node: fx.Node) -> int:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    d = _dim(b, node, b.const(dim))
+    d = per_sample_dim(b, node, b.const(dim))
     n = b.value[node].shape[d]
     _check_size(b, node, n, n)
     return _separable(b, node, {d - 1: LM.cumsum_operator(n)})
@@ -300,7 +309,7 @@ def _cumsum(b: Builder, node: fx.Node) -> int:
 @map_rule("diff")
 def _diff(b: Builder, node: fx.Node) -> int:
     order, dim, prepend, append = GM.diff_args(node, _resolve(b))
-    d = _dim(b, node, dim)
+    d = per_sample_dim(b, node, dim)
     source = node.args[0] if node.args else node.kwargs["input"]
     n = b.value[source].shape[d]
     extra = [0 if t is None else int(t.shape[d]) for t in (prepend, append)]

@@ -26,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from lipnets.errors import UnboundedModuleError
 from lipnets.functional import activation_slopes as AS
-from lipnets.graph import linear_maps as GM
-from lipnets.propagation.linear_maps import map_rule
+from lipnets.propagation.linear_maps import map_rule, per_sample_dim
 from lipnets.propagation.ops_base import Elementwise, Relaxation
 
 if TYPE_CHECKING:
@@ -87,13 +85,8 @@ def _softmax(b: Builder, node: fx.Node, sign: int, log: bool) -> int:
     dtype = node.kwargs.get("dtype", node.args[position] if len(node.args) > position else None)
     if b.const(dtype) is not None:
         raise b.no_rule(node, "it casts with dtype=")
+    d = per_sample_dim(b, node, dim)
     source: Any = node.args[0] if node.args else node.kwargs["input"]
-    shape = b.value[source].shape
-    try:
-        d = GM.map_dim(node, dim, shape)
-    except UnboundedModuleError as exc:
-        raise b.no_rule(node, str(exc).split(": ", 1)[-1]) from exc
-    assert d is not None
     src = b.materialize(source, node)
     per_sample = b.nodes[src].shape
     return b.add(Softmax(per_sample, d, sign, log), [src], per_sample, b.where(node))

@@ -22,7 +22,7 @@ from torch import nn
 import lipnets
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError
 from lipnets.functional import linear_maps as LM
-from tests.helpers import lipschitz_ascent
+from tests.helpers import Fn, lipschitz_ascent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,17 +41,6 @@ def dense(fn, shape: tuple[int, ...], dtype=F64) -> torch.Tensor:
 
 def sigma(matrix: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(matrix, ord=2)) if matrix.numel() else 0.0
-
-
-class Fn(nn.Module):
-    """A model running one function (defined in this file, so the trace can read it)."""
-
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def bound(fn, shape: tuple[int, ...] | None) -> float:

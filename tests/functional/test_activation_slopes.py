@@ -15,6 +15,7 @@ from torch import nn
 import lipnets
 from lipnets.errors import ShapeRequiredError, UnboundedModuleError
 from lipnets.functional import activation_slopes as AS
+from tests.helpers import Fn
 
 F64 = torch.float64
 ACTIVATIONS = {  # name: (function, constant, torch.nn module)
@@ -79,15 +80,6 @@ def test_lipschitz_bound_uses_the_slope_for_both_spellings(name, spelling):
     for shape in (None, (1, 5)):
         got = float(lipnets.lipschitz_bound(model, shape))
         assert constant * sigma <= got <= constant * sigma * (1 + 1e-9)
-
-
-class Fn(nn.Module):  # a module running one function
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def test_x_times_sigmoid_x_is_silu():

@@ -12,18 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipnets.propagation import crown_bounds, interval_bounds
+from tests.helpers import Fn, assert_within
+from tests.propagation.test_propagation_models import ball_points
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Fn(nn.Module):
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def _bicubic(h):
@@ -93,15 +86,8 @@ def test_sampled_outputs_inside_the_bounds_behind_a_relu_layer(name, norm):
     torch.manual_seed(2)
     model, shape = _model(name, relu=True)
     x, eps, count = torch.randn(2, *shape, dtype=F64), 0.15, 2000
-    d = torch.randn(count, *x.shape, dtype=F64)
-    if norm == math.inf:  # corners, and points inside
-        d = torch.cat([d[: count // 2].sign(), torch.rand_like(d[count // 2 :]) * 2 - 1])
-    else:  # the sphere, and points inside
-        flat = d.reshape(count, 2, -1)
-        d = (flat / flat.norm(dim=-1, keepdim=True)).reshape(d.shape)
-        d[count // 2 :] *= torch.rand((count - count // 2, 2) + (1,) * len(shape), dtype=F64)
+    points = ball_points(x, eps, norm, count)  # boundary included
     with torch.no_grad():
-        y = model((x + eps * d).reshape(-1, *shape)).reshape(count, 2, -1)
+        y = model(points.reshape(-1, *shape)).reshape(count, 2, -1)
     for fn in (interval_bounds, crown_bounds):
-        lo, up = fn(model, x, eps, norm=norm)
-        assert bool((y >= lo - 1e-9).all() and (y <= up + 1e-9).all()), fn.__name__
+        assert_within(y, fn(model, x, eps, norm=norm), fn.__name__)

@@ -20,6 +20,7 @@ from lipnets.propagation import Bounds, _ops, crown_bounds, interval_bounds
 from lipnets.propagation.graph import build, evaluate
 from lipnets.propagation.lirpa import check_args, session
 from lipnets.propagation.propagator import Propagator, relaxation
+from tests.helpers import Fn, assert_within
 
 from .test_propagation_models import DT, ball_points
 
@@ -37,14 +38,6 @@ ELEMENTWISE = {
     "silu": _ops.SiLU([S], S),
     "relu": _ops.ReLU([S], S),
 }
-
-
-def _assert_within(y: torch.Tensor, bounds: Bounds, what: str) -> None:
-    scale = float(torch.maximum(bounds.lower.abs(), bounds.upper.abs()).max())
-    tol = 1e-9 * (1.0 + scale)
-    below = float((bounds.lower - y).max())
-    above = float((y - bounds.upper).max())
-    assert below <= tol and above <= tol, f"{what}: a point leaves by {max(below, above)}"
 
 
 # -- the relaxations, function by function -------------------------------------------------
@@ -182,15 +175,6 @@ def test_relu_generic_path_agrees_bitwise() -> None:
 # -- models ---------------------------------------------------------------------------------
 
 
-class Fn(nn.Module):
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
 class TwoBranches(nn.Module):
     """fn(a(x), b(x)), b's output optionally broadcast from one channel or feature."""
 
@@ -290,8 +274,8 @@ def test_bounds_contain_sampled_outputs(kind: str) -> None:
             points = ball_points(x, eps, norm, POINTS)
             with torch.no_grad():
                 y = model(points.reshape(-1, *x.shape[1:])).reshape(POINTS, *ibp.lower.shape)
-            _assert_within(y, ibp, f"{kind} seed {seed} norm {norm} IBP")
-            _assert_within(y, crown, f"{kind} seed {seed} norm {norm} CROWN")
+            assert_within(y, ibp, f"{kind} seed {seed} norm {norm} IBP")
+            assert_within(y, crown, f"{kind} seed {seed} norm {norm} CROWN")
             assert bool((crown.lower >= ibp.lower).all() and (crown.upper <= ibp.upper).all())
 
 
@@ -318,7 +302,7 @@ def test_every_node_stays_within_its_bounds() -> None:
         for node, value in zip(graph.nodes, values, strict=True):
             value = value.reshape(POINTS, *prop.lows[node.index].shape)
             bounds = Bounds(prop.lows[node.index], prop.ups[node.index])
-            _assert_within(value, bounds, f"node {node.index} ({node.where})")
+            assert_within(value, bounds, f"node {node.index} ({node.where})")
 
 
 def test_crown_is_strictly_tighter_on_deep_smooth_mlps() -> None:

@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 import lipnets
 from lipnets.propagation import Bounds, crown_bounds, interval_bounds
 from lipnets.propagation._ops import sorting_network
+from tests.helpers import assert_within
 
 from .test_propagation_models import DT, MIXES, ball_points, mlp
 
@@ -31,15 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _tol(bounds: Bounds) -> float:
     scale = float(torch.maximum(bounds.lower.abs(), bounds.upper.abs()).max())
     return 1e-9 * (1.0 + scale)
-
-
-def _assert_within(y: torch.Tensor, bounds: Bounds, what: str) -> None:
-    tol = _tol(bounds)
-    below = float((bounds.lower - y).max())
-    above = float((y - bounds.upper).max())
-    assert below <= tol and above <= tol, (
-        f"{what}: a point leaves the bounds by {max(below, above)}"
-    )
 
 
 def _outputs(model: nn.Module, points: torch.Tensor) -> torch.Tensor:
@@ -60,11 +52,11 @@ def test_bounds_contain_sampled_outputs(mix: str, norm: float) -> None:
         ibp = interval_bounds(model, x, eps, norm=norm)
         crown = crown_bounds(model, x, eps, norm=norm)
         y = _outputs(model, ball_points(x, eps, norm, POINTS))
-        _assert_within(y, ibp, f"{mix} seed {seed} IBP")
-        _assert_within(y, crown, f"{mix} seed {seed} CROWN")
+        assert_within(y, ibp, f"{mix} seed {seed} IBP")
+        assert_within(y, crown, f"{mix} seed {seed} CROWN")
         with torch.no_grad():
             centre = model(x)
-        _assert_within(centre.unsqueeze(0), crown, f"{mix} seed {seed} centre")
+        assert_within(centre.unsqueeze(0), crown, f"{mix} seed {seed} centre")
         looser = max(
             looser, float((ibp.lower - crown.lower).max()), float((crown.upper - ibp.upper).max())
         )
@@ -133,9 +125,9 @@ def test_spec_bounds_margins_directly(norm: float) -> None:
         derived_width += float((derived_up - derived_lo).sum())
         points = ball_points(x, eps, norm, POINTS)
         f = _outputs(model, points)
-        _assert_within(torch.einsum("nrm,cnm->cnr", spec, f), margins, f"spec seed {seed}")
+        assert_within(torch.einsum("nrm,cnm->cnr", spec, f), margins, f"spec seed {seed}")
         ibp = interval_bounds(model, x, eps, norm=norm, spec=spec)
-        _assert_within(torch.einsum("nrm,cnm->cnr", spec, f), ibp, f"IBP spec seed {seed}")
+        assert_within(torch.einsum("nrm,cnm->cnr", spec, f), ibp, f"IBP spec seed {seed}")
     assert direct_width < derived_width  # merging C into the last layer pays off
 
 
@@ -252,8 +244,8 @@ def test_sorting_activations_with_other_dims_and_functions() -> None:
         crown = crown_bounds(model, x, 0.3, norm=norm)
         ibp = interval_bounds(model, x, 0.3, norm=norm)
         y = _outputs(model, ball_points(x, 0.3, norm, POINTS))
-        _assert_within(y, crown, "crown")
-        _assert_within(y, ibp, "ibp")
+        assert_within(y, crown, "crown")
+        assert_within(y, ibp, "ibp")
 
 
 def test_functional_ops_slicing_and_constants() -> None:
@@ -282,7 +274,7 @@ def test_functional_ops_slicing_and_constants() -> None:
         for fn in (crown_bounds, interval_bounds):
             bounds = fn(model, x, 0.4, norm=norm)
             y = _outputs(model, ball_points(x, 0.4, norm, POINTS))
-            _assert_within(y, bounds, fn.__name__)
+            assert_within(y, bounds, fn.__name__)
 
 
 @pytest.mark.parametrize("norm", NORMS, ids=["l2", "linf"])
@@ -306,7 +298,7 @@ def test_every_node_stays_within_its_bounds(mix: str, norm: float) -> None:
         for node, value in zip(graph.nodes, values, strict=True):
             value = value.reshape(2000, *prop.lows[node.index].shape)
             bounds = Bounds(prop.lows[node.index], prop.ups[node.index])
-            _assert_within(value, bounds, f"{mix} seed {seed} node {node.index} ({node.where})")
+            assert_within(value, bounds, f"{mix} seed {seed} node {node.index} ({node.where})")
 
 
 def _other_model(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -351,4 +343,4 @@ def test_other_convolutions_and_shuffles(kind: str) -> None:
             points = ball_points(x, 0.3, norm, POINTS)
             y = _outputs(model, points)
             for fn in (interval_bounds, crown_bounds):
-                _assert_within(y, fn(model, x, 0.3, norm=norm), f"{kind} {fn.__name__}")
+                assert_within(y, fn(model, x, 0.3, norm=norm), f"{kind} {fn.__name__}")

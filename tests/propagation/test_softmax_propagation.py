@@ -13,6 +13,8 @@ from torch import nn
 from lipnets.errors import UnboundedModuleError
 from lipnets.propagation import crown_bounds, interval_bounds
 from lipnets.propagation.ops_softmax import Softmax
+from tests.helpers import assert_within
+from tests.propagation.test_propagation_models import ball_points
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,18 +51,12 @@ def test_sampled_outputs_inside_ibp_and_crown(act, norm):
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), act, nn.Linear(4, 3))
     model = model.double().eval()
     x, eps, count = torch.randn(3, 5, dtype=F64), 0.3, 2000
-    d = torch.randn(count, 3, 5, dtype=F64)
-    if norm == math.inf:
-        d = torch.cat([d[:1000].sign(), torch.rand(1000, 3, 5, dtype=F64) * 2 - 1])
-    else:
-        d = d / d.norm(dim=-1, keepdim=True)
-        d[1000:] *= torch.rand(1000, 3, 1, dtype=F64)
     with torch.no_grad():
-        y = model((x + eps * d).reshape(-1, 5)).reshape(count, 3, -1)
+        y = model(ball_points(x, eps, norm, count).reshape(-1, 5)).reshape(count, 3, -1)
     ibp = interval_bounds(model, x, eps, norm=norm)
     crown = crown_bounds(model, x, eps, norm=norm)
-    for lo, up in (ibp, crown):
-        assert bool((y >= lo - 1e-9).all() and (y <= up + 1e-9).all())
+    assert_within(y, ibp, "IBP")
+    assert_within(y, crown, "CROWN")
     assert bool(
         (crown.lower >= ibp.lower - 1e-12).all() and (crown.upper <= ibp.upper + 1e-12).all()
     )

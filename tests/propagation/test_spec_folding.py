@@ -12,6 +12,8 @@ from torch import nn
 from lipnets.certify import certify_crown
 from lipnets.propagation import interval_bounds
 from lipnets.propagation.lirpa import spec_interval
+from tests.helpers import assert_within
+from tests.propagation.test_propagation_models import ball_points
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,16 +52,9 @@ def test_folded_ibp_is_the_interval_of_cw_over_the_hidden_box(norm):
     assert bool((got.lower > plain[0] + 1e-6).any())
     # Sound: sampled margins (boundary and inside) within the bounds.
     count = 2000
-    d = torch.randn(count, 6, 5, dtype=F64)
-    if norm == math.inf:
-        d = torch.cat([d[:1000].sign(), torch.rand(1000, 6, 5, dtype=F64) * 2 - 1])
-    else:
-        d = d / d.norm(dim=-1, keepdim=True)
-        d[1000:] *= torch.rand(1000, 6, 1, dtype=F64)
     with torch.no_grad():
-        out = model((x + eps * d).reshape(-1, 5)).reshape(count, 6, 4)
-    values = torch.einsum("nrm,knm->knr", spec, out)
-    assert bool((values >= got.lower - 1e-9).all() and (values <= got.upper + 1e-9).all())
+        out = model(ball_points(x, eps, norm, count).reshape(-1, 5)).reshape(count, 6, 4)
+    assert_within(torch.einsum("nrm,knm->knr", spec, out), got, "margins")
 
 
 def test_a_single_affine_layer_is_exact_and_certify_ibp_uses_the_fold():
