@@ -405,3 +405,33 @@ def _inplace_flag(node: fx.Node) -> bool:
     if isinstance(flag, fx.Node):
         return True  # decided at run time: treat as in place (the stricter reading)
     return bool(flag)
+
+
+# Note [Functional calls as modules]
+# A call of a functional form whose module torch.nn defines with the same parameters
+# (``F.max_pool2d(x, 2)`` is ``nn.MaxPool2d(2)(x)``: torch's module forwards exactly these
+# arguments to that function) is rewritten after tracing into a ``call_module`` node of a
+# new instance of the module (`lipnets.graph.trace`), when every argument but the input
+# is a constant. Every consumer then uses the module's rule: nothing is written twice.
+# A call with an input-dependent argument stays a function call, which has no rule.
+
+_MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+_LP_POOL = ("norm_type", "kernel_size", "stride", "ceil_mode")
+FUNCTIONAL_MODULES: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {}
+"""Functional form -> (its torch.nn module, the parameters after the input, in order)."""
+for _d in (1, 2, 3):
+    _forms: list[tuple[Any, type[nn.Module], tuple[str, ...]]] = [
+        (getattr(F, f"max_pool{_d}d"), getattr(nn, f"MaxPool{_d}d"), _MAX_POOL),
+        (getattr(torch, f"max_pool{_d}d"), getattr(nn, f"MaxPool{_d}d"), _MAX_POOL[:5]),
+        (getattr(F, f"avg_pool{_d}d"), getattr(nn, f"AvgPool{_d}d"), _AVG_POOL + (
+            ("divisor_override",) if _d > 1 else ()
+        )),
+        (getattr(F, f"adaptive_max_pool{_d}d"), getattr(nn, f"AdaptiveMaxPool{_d}d"),
+         ("output_size", "return_indices")),
+        (getattr(F, f"adaptive_avg_pool{_d}d"), getattr(nn, f"AdaptiveAvgPool{_d}d"),
+         ("output_size",)),
+        (getattr(F, f"lp_pool{_d}d"), getattr(nn, f"LPPool{_d}d"), _LP_POOL),
+    ]  # fmt: skip
+    for _form, _module, _params in _forms:
+        FUNCTIONAL_MODULES[_form] = (_module, _params)

@@ -33,7 +33,7 @@ from lipnets.errors import (
     UntraceableModelError,
 )
 from lipnets.graph.faithful import InPlaceAudit, StateSnapshot, compare
-from lipnets.graph.ops import classify, first_operand
+from lipnets.graph.ops import FUNCTIONAL_MODULES, classify, first_operand
 from lipnets.graph.policy import (
     check_model,
     module_kind,
@@ -312,6 +312,7 @@ def _build(model: nn.Module) -> TracedGraph:
     state = StateSnapshot(root)  # before tracing: a trace can change state too
     with restored_buffers(model):
         gm, tracer = trace_graph(root, is_leaf, module_kind(model))
+    _functions_as_modules(gm)
     _TRACES[0] += 1
     state.check(module_kind(model))
     found = mutation_in(functions_run(gm, [*tracer.traced, model]))
@@ -409,11 +410,56 @@ def _passes_through(module: nn.Module) -> bool:
     )
 
 
+def _functions_as_modules(gm: fx.GraphModule) -> None:
+    """Note [Functional calls as modules] in `lipnets.graph.ops`: ``F.max_pool2d(x, 2)``
+    becomes a call of a new ``nn.MaxPool2d(2)`` registered on the graph module."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        try:
+            entry = FUNCTIONAL_MODULES.get(node.target)
+        except TypeError:  # an unhashable target
+            continue
+        if entry is None or not node.args:
+            continue
+        cls, params = entry
+        source, rest = node.args[0], node.args[1:]
+        if len(rest) > len(params) or any(k not in params for k in node.kwargs):
+            continue
+        arguments = {**dict(zip(params, rest, strict=False)), **node.kwargs}
+        constants = _flat(list(arguments.values()))
+        if not isinstance(source, fx.Node) or any(isinstance(a, fx.Node) for a in constants):
+            continue
+        if arguments.get("stride") in ((), []):  # torch's builtin default: the kernel size
+            arguments["stride"] = None
+        try:
+            module = cls(**arguments)
+        except (TypeError, ValueError):
+            continue
+        name = node.name
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (source,))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _flat(values: Any) -> list[Any]:
+    out: list[Any] = []
+    fx.node.map_aggregate(values, out.append)
+    return out
+
+
 def _refuse_random_and_out(graph: TracedGraph) -> None:
     for node in graph.gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        if "out" in node.kwargs:
+        if node.kwargs.get("out") is not None:
             raise UntraceableModelError(
                 f"{graph.where(node)} writes into `out=`, which torch.fx does not follow "
                 "(Note [Graph faithfulness]); use the returned value instead"

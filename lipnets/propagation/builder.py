@@ -234,7 +234,7 @@ class Builder:
         return convert_maxmin(self, node, name)
 
     def max_pool(self, node: fx.Node, source: Any, module: Any) -> int:
-        """``nn.MaxPool1d/2d/3d`` (Note [Maxima as comparators])."""
+        """``nn.MaxPool1d/2d/3d``, ``nn.AdaptiveMaxPool1d/2d/3d`` (Note [Maxima as comparators])."""
         return convert_max_pool(self, node, source, module)
 
     def affine(self, node: fx.Node, source: Any, make: Any) -> int:

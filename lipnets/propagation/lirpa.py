@@ -180,7 +180,8 @@ def crown_bounds(
     and ``mean`` over non-batch dimensions; Identity and Dropout (eval);
     LeakyReLU (any slope, rewritten exactly into a ReLU), Tanh, Sigmoid, GELU
     (both forms), SiLU (also ``x * torch.sigmoid(x)``), ``torch.maximum`` /
-    ``minimum`` (comparators), MaxPool1d/2d/3d (tournaments of comparators);
+    ``minimum`` (comparators), MaxPool1d/2d/3d and AdaptiveMaxPool1d/2d/3d (tournaments of
+    comparators);
     softmax, softmin and log_softmax (Note [Softmax intervals]);
     ConvTranspose1d/2d/3d, interpolation, reflect/replicate/circular
     padding, unfold/fold, ``cumsum`` and ``diff`` (Note [Affine maps of the

@@ -24,9 +24,14 @@ Max pooling (``nn.MaxPool1d/2d/3d``, any kernel, stride, padding, dilation
 and ``ceil_mode``): along each pooled dim, output $o$ reads the positions $o
 s - p + j d$, $j < k$, that lie in $[0, L)$; the others are torch's implicit
 $-\infty$ padding, which never wins a maximum, so they are left out (a
-window with no position left is refused). The positions of every window are
-gathered into one flat node (an entry in several windows, when the stride is
-below the kernel, is copied into each), so that each window owns its
+window with no position left is refused). Adaptive max pooling
+(``nn.AdaptiveMaxPool1d/2d/3d``) reads, for $O$ outputs along a dim of size
+$L$, the positions $\lfloor o L / O \rfloor \le i < \lceil (o + 1) L / O
+\rceil$, torch's windows. The functional forms (``F.max_pool2d``, ...) are
+these modules (Note [Functional calls as modules] in `lipnets.graph.ops`).
+The positions of every window are gathered into one flat node (an entry in
+several windows, when the stride is below the kernel, or adaptive windows
+overlap, is copied into each), so that each window owns its
 candidates. Then a tournament: each round compares the candidates of every
 window in pairs, $(1, 2), (3, 4), \dots$, by one comparator layer (the pairs
 are disjoint, as each candidate belongs to one window and one pair); the
@@ -55,7 +60,11 @@ if TYPE_CHECKING:
 __all__ = ["convert_elementwise", "convert_max_pool", "convert_maxmin", "function_params"]
 
 _SMOOTH = {"tanh": _ops.Tanh, "sigmoid": _ops.Sigmoid, "silu": _ops.SiLU}
-_POOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_POOL_DIMS = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}  # fmt: skip
+_ADAPTIVE = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 def function_params(b: Builder, node: fx.Node, name: str) -> dict[str, Any]:
@@ -150,7 +159,7 @@ def _as_output(b: Builder, node: fx.Node, operand: fx.Node, out: Tensor) -> int:
 
 
 def convert_max_pool(b: Builder, node: fx.Node, source: Any, module: nn.Module) -> int:
-    """``nn.MaxPool1d/2d/3d``: Note [Maxima as comparators]."""
+    """``nn.MaxPool1d/2d/3d`` and ``nn.AdaptiveMaxPool1d/2d/3d``: Note [Maxima as comparators]."""
     dims = next((n for cls, n in _POOL_DIMS.items() if isinstance(module, cls)), None)
     if dims is None or getattr(module, "return_indices", False):
         raise b.no_rule(node, "it returns the indices of the maxima (return_indices=True)")
@@ -158,21 +167,13 @@ def convert_max_pool(b: Builder, node: fx.Node, source: Any, module: nn.Module) 
     in_shape, out_shape = b.nodes[src].shape, b.value[node].shape[1:]
     if len(in_shape) < dims or len(out_shape) != len(in_shape):
         raise b.no_rule(node, f"it pools {dims} dims of a sample of shape {tuple(in_shape)}")
-    kernel, stride, padding, dilation = (
-        _tuple(getattr(module, attr), dims)
-        for attr in ("kernel_size", "stride", "padding", "dilation")
-    )
-    stride = stride if module.stride is not None else kernel
     device = b.x.device
     # Per pooled dim: the input position of offset j of output o, and whether it is inside.
     flat = torch.zeros((1, 1), dtype=torch.long, device=device)
     valid = torch.ones((1, 1), dtype=torch.bool, device=device)
     for d in range(dims):
         size, outs = in_shape[len(in_shape) - dims + d], out_shape[len(out_shape) - dims + d]
-        o = torch.arange(outs, device=device).unsqueeze(1)
-        j = torch.arange(kernel[d], device=device).unsqueeze(0)
-        pos = o * stride[d] - padding[d] + j * dilation[d]  # (outs, k)
-        inside = (pos >= 0) & (pos < size)
+        pos, inside = _windows(module, d, dims, size, outs, device)  # (outs, k) each
         # windows (W, K) x (outs, k) -> (W * outs, K * k), row-major in both
         flat = (flat.unsqueeze(1).unsqueeze(3) * size + pos.unsqueeze(0).unsqueeze(2)).reshape(
             flat.shape[0] * outs, -1
@@ -199,6 +200,27 @@ def convert_max_pool(b: Builder, node: fx.Node, source: Any, module: nn.Module) 
     return _tournament(
         b, b.where(node), [src], source_ids, index, table, valid, out_shape, take_max=True
     )
+
+
+def _windows(
+    module: nn.Module, d: int, dims: int, size: int, outs: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The input positions (outs, k) of each output's window along pooled dim ``d``, and
+    which of them lie inside the input (Note [Maxima as comparators])."""
+    o = torch.arange(outs, device=device).unsqueeze(1)
+    if isinstance(module, _ADAPTIVE):
+        # torch's adaptive windows: [floor(o L / O), ceil((o + 1) L / O))
+        start = (o * size) // outs
+        end = -((-(o + 1) * size) // outs)
+        j = torch.arange(int((end - start).max()), device=device).unsqueeze(0)
+        return start + j, start + j < end
+    kernel, stride, padding, dilation = (
+        _tuple(getattr(module, attr), dims)[d]
+        for attr in ("kernel_size", "stride", "padding", "dilation")
+    )
+    j = torch.arange(kernel, device=device).unsqueeze(0)
+    pos = o * stride - padding + j * dilation
+    return pos, (pos >= 0) & (pos < size)
 
 
 def _tuple(value: Any, dims: int) -> tuple[int, ...]:

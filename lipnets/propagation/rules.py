@@ -115,7 +115,10 @@ def _leaky_relu(b: Builder, node: fx.Node, module: Any, source: fx.Node) -> int:
     return b.elementwise(node, source, "leaky_relu", {"negative_slope": module.negative_slope})
 
 
-@register_propagation(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+@register_propagation(
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
 def _max_pool(b: Builder, node: fx.Node, module: nn.Module, source: fx.Node) -> int:
     return b.max_pool(node, source, module)
 

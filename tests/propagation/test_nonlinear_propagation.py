@@ -242,6 +242,22 @@ def _model(kind: str, seed: int) -> tuple[nn.Module, torch.Tensor, float]:
         )  # fmt: skip
         model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), pool, nn.Flatten(), nn.LazyLinear(2))
         shape = (1, 5, 5)
+    elif kind == "adaptive":  # overlapping windows when the size is not a multiple
+        out = rng.choice([(3, 2), 4, (None, 3), 1])
+        pool = rng.choice([nn.AdaptiveMaxPool2d(out), Fn(lambda h: F.adaptive_max_pool2d(h, out))])
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), pool, nn.Flatten(), nn.LazyLinear(2))
+        shape = (1, 7, 5)
+    elif kind == "functional-pool":
+        pool = rng.choice(
+            [
+                Fn(lambda h: F.max_pool2d(h, 3, 2, 1, ceil_mode=True)),
+                Fn(lambda h: F.max_pool2d(h, (2, 3), stride=1, dilation=(2, 1))),
+                Fn(lambda h: torch.max_pool2d(h, 2)),
+                Fn(lambda h: F.avg_pool2d(h, 2, 1) + F.adaptive_avg_pool2d(h, 4)[..., :4, :4]),
+            ]
+        )
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), pool, nn.Flatten(), nn.LazyLinear(2))
+        shape = (1, 5, 5)
     elif cnn:
         model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), _activation(kind, rng))
         model.append(nn.Conv2d(3, 2, 3, stride=2)).append(_activation(kind, rng))
@@ -259,14 +275,14 @@ def _model(kind: str, seed: int) -> tuple[nn.Module, torch.Tensor, float]:
 
 
 KINDS = ["tanh", "sigmoid", "gelu", "silu", "leaky", "maximum", "minimum"]
-KINDS += ["maxpool1d", "maxpool2d"]
+KINDS += ["maxpool1d", "maxpool2d", "adaptive", "functional-pool"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_bounds_contain_sampled_outputs(kind: str) -> None:
     """MLPs and CNNs with the op: 2000 points of each l2 and l-infinity ball (boundary and
     corners included) stay within IBP and CROWN, and CROWN is never looser than IBP."""
-    for seed in range(6 if kind.startswith(("max", "min")) else 4):
+    for seed in range(6 if kind.startswith(("max", "min", "adaptive", "functional")) else 4):
         model, x, eps = _model(kind, seed)
         for norm in NORMS:
             ibp = interval_bounds(model, x, eps, norm=norm)
@@ -334,11 +350,12 @@ def test_leaky_relu_and_max_pool_intervals_are_exact(slope: float) -> None:
     )
     torch.testing.assert_close(bounds.lower, exact_lo if slope < 0 else f(lo, slope))
     torch.testing.assert_close(bounds.upper, torch.maximum(f(lo, slope), f(up, slope)))
-    pool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+    pools = [nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.AdaptiveMaxPool2d((3, 4))]
     img = torch.randn(2, 2, 5, 6, dtype=DT)
-    pooled = interval_bounds(pool, img, 0.3, norm=math.inf)
-    torch.testing.assert_close(pooled.lower, pool(img - 0.3))
-    torch.testing.assert_close(pooled.upper, pool(img + 0.3))
+    for pool in [*pools, Fn(lambda h: F.max_pool2d(h, 2, 1))]:
+        pooled = interval_bounds(pool, img, 0.3, norm=math.inf)
+        torch.testing.assert_close(pooled.lower, pool(img - 0.3))
+        torch.testing.assert_close(pooled.upper, pool(img + 0.3))
 
 
 def test_refusals_name_the_reason() -> None:
