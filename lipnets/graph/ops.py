@@ -58,6 +58,7 @@ from torch import fx, nn
 import lipnets.functional as LF
 from lipnets.functional import activation_slopes as AS
 from lipnets.graph import linear_maps as GM
+from lipnets.graph import normalize_map as NM
 from lipnets.graph import softmax_maps as SM
 
 __all__ = [
@@ -278,6 +279,7 @@ _add("map", "softmax", F.softmax, torch.softmax, slope=SM.softmax_bound)
 _add("map", "softmin", F.softmin, slope=SM.softmax_bound)
 _add("map", "log_softmax", F.log_softmax, torch.log_softmax, slope=SM.log_softmax_bound)
 _add("map", "logsumexp", torch.logsumexp, slope=SM.logsumexp_bound)
+_add("map", "normalize", F.normalize, slope=NM.normalize_bound)
 _add("sort", "groupsort", LF.group_sort)
 _add("sort", "maxmin", LF.max_min)
 _add("sort", "fullsort", LF.full_sort)

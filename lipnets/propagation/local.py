@@ -225,7 +225,8 @@ def _compose(graph: Graph, prop: Propagator) -> Tensor:
         elif isinstance(op, _ops.Difference):
             k = mul_up(ks[0], sqrt_up(2.0))  # disjoint pairs: (a - b)^2 <= 2 a^2 + 2 b^2
         elif isinstance(op, _ops.Elementwise):
-            k = mul_up(ks[0], op.slope)  # the supremum of |f'|, rounded up
+            i = node.inputs[0]  # the supremum of |f'| on the input's box, rounded up
+            k = mul_up(ks[0], op.local_slope(prop.lows[i], prop.ups[i]))
         else:  # pragma: no cover - every op of _ops is listed above
             raise TypeError(f"no local rule for {type(op).__name__}")
         consts.append(torch.as_tensor(k, dtype=torch.float64).expand(n).clone())

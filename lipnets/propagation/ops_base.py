@@ -109,6 +109,11 @@ class Elementwise(Op):
         """The entries whose lines are not exact on $[l, u]$ (what tightening can improve)."""
         return lower < upper
 
+    def local_slope(self, lower: Tensor, upper: Tensor) -> float | Tensor:
+        """A Lipschitz constant of the op on the box $[l, u]$ of its input, per sample or
+        one for all (`local_lipschitz`): ``slope`` unless the op knows better."""
+        return self.slope
+
 
 def relu_relaxation(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(lower slope, upper slope, upper intercept) of Note [ReLU relaxation] in

@@ -1,4 +1,4 @@
-r"""Propagation of softmax, softmin and log_softmax.
+r"""Propagation of softmax, softmin, log_softmax and ``F.normalize``: maps of whole fibres.
 
 # Note [Softmax intervals]
 
@@ -16,24 +16,40 @@ which are valid on the whole box; CROWN tightens the box of the softmax's input 
 ``slope`` is the op's Lipschitz constant for `local_lipschitz`: $\frac12$ for softmax and
 softmin, $\sqrt n$ for log_softmax on fibres of $n$ entries (Note [Softmax Jacobian] in
 `lipnets.functional.activation_slopes`).
+
+# Note [Normalisation intervals]
+
+``F.normalize`` (p = 2, Note [Normalisation] in `lipnets.graph.normalize_map`) maps entry
+$i$ of a fibre $v$ to $v_i / \max(\|v\|, \varepsilon)$. Over a box $[l, u]$ of the fibre,
+$\|v\|$ lies in $[r, R]$ with $r = \|(\max(l_j, -u_j, 0))_j\|$ (the distance of the box
+from 0) and $R = \|(\max(|l_j|, |u_j|))_j\|$; so with $d = \max(r, \varepsilon)$ and $D =
+\max(R, \varepsilon)$, $v_i / \max(\|v\|, \varepsilon)$ is at least $l_i / D$ when $l_i
+\ge 0$ and $l_i / d$ otherwise, at most $u_i / d$ when $u_i \ge 0$ and $u_i / D$
+otherwise, and always in $[-1, 1]$. CROWN keeps these constant lines, as for softmax.
+`local_lipschitz` reads the op's constant on the box, $1 / \max(r, \varepsilon)$, largest
+over the fibres (``local_slope``); $r$ is shrunk by a few ulps and the quotient rounded
+up, so the computed constant is above the exact one.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from lipnets.errors import UnboundedModuleError
 from lipnets.functional import activation_slopes as AS
-from lipnets.propagation.linear_maps import map_rule, per_sample_dim
+from lipnets.graph.normalize_map import normalize_args
+from lipnets.propagation.linear_maps import _resolve, map_rule, per_sample_dim
 from lipnets.propagation.ops_base import Elementwise, Relaxation
 
 if TYPE_CHECKING:
     from lipnets.propagation.builder import Builder
 
-__all__ = ["Softmax"]
+__all__ = ["Normalize", "Softmax"]
 
 
 class Softmax(Elementwise):
@@ -64,6 +80,46 @@ class Softmax(Elementwise):
         lo, up = self.interval([lower], [upper])
         zero = torch.zeros_like(lo)
         return zero, lo, zero, up
+
+
+class Normalize(Elementwise):
+    """``F.normalize(x, p=2, dim=dims, eps=eps)`` (Note [Normalisation intervals])."""
+
+    kind = "normalize"
+
+    def __init__(self, shape: torch.Size, dims: tuple[int, ...], eps: float) -> None:
+        super().__init__([shape], shape)
+        self.dims, self.eps = dims, eps  # dims count the batch
+        self.slope = math.nextafter(1.0 / eps, math.inf)
+
+    def function(self, x: Tensor) -> Tensor:
+        return F.normalize(x, p=2.0, dim=self.dims, eps=self.eps)
+
+    def _norms(self, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        """(max(r, eps), max(R, eps)) per fibre, kept as size-1 dims."""
+        near = torch.maximum(torch.maximum(lo, -up), torch.zeros_like(lo))
+        far = torch.maximum(lo.abs(), up.abs())
+        r = torch.linalg.vector_norm(near, dim=self.dims, keepdim=True)
+        big = torch.linalg.vector_norm(far, dim=self.dims, keepdim=True)
+        shrink = 1 - 8 * torch.finfo(lo.dtype).eps  # below the exact norm despite rounding
+        return (r * shrink).clamp_min(self.eps), (big / shrink).clamp_min(self.eps)
+
+    def interval(self, lows: list[Tensor], ups: list[Tensor]) -> tuple[Tensor, Tensor]:
+        lo, up = lows[0], ups[0]
+        near, far = self._norms(lo, up)
+        low = torch.where(lo >= 0, lo / far, lo / near).clamp(-1.0, 1.0)
+        high = torch.where(up >= 0, up / near, up / far).clamp(-1.0, 1.0)
+        return low, high
+
+    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        lo, up = self.interval([lower], [upper])
+        zero = torch.zeros_like(lo)
+        return zero, lo, zero, up
+
+    def local_slope(self, lower: Tensor, upper: Tensor) -> Tensor:
+        near, _ = self._norms(lower, upper)
+        worst = near.reshape(near.shape[0], -1).amin(1)
+        return torch.nextafter(1.0 / worst, torch.full_like(worst, math.inf))
 
 
 def _others(lo: Tensor, up: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -105,3 +161,16 @@ def _softmin_rule(b: Builder, node: fx.Node) -> int:
 @map_rule("log_softmax")
 def _log_softmax_rule(b: Builder, node: fx.Node) -> int:
     return _softmax(b, node, 1, True)
+
+
+@map_rule("normalize")
+def _normalize_rule(b: Builder, node: fx.Node) -> int:
+    source: Any = node.args[0] if node.args else node.kwargs["input"]
+    shape = b.value[source].shape
+    try:
+        dims, eps, _ = normalize_args(node, _resolve(b), shape)
+    except UnboundedModuleError as exc:
+        raise b.no_rule(node, str(exc).split(": ", 1)[-1]) from exc
+    src = b.materialize(source, node)
+    per_sample = b.nodes[src].shape
+    return b.add(Normalize(per_sample, dims, eps), [src], per_sample, b.where(node))
