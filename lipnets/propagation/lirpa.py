@@ -124,7 +124,7 @@ def interval_bounds(
             message names the node, e.g. ``"act (Softplus) has no
             propagation rule"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lipnets.propagation import interval_bounds
@@ -218,7 +218,7 @@ def crown_bounds(
         UntraceableModelError: if torch.fx cannot trace the model, or the
             traced graph does not compute what the model computes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lipnets.propagation import crown_bounds, interval_bounds
@@ -272,28 +272,46 @@ def _bounds(
             flat = value.reshape(n, -1)
             lo, up = spec_interval(matrix, flat, flat)
             return Bounds(lo, up)
-        prop = Propagator(graph, x, radius, q, crown).run()
         out = graph.output
-        lo, up = prop.lows[out].reshape(n, -1), prop.ups[out].reshape(n, -1)
+        # Note [Relaxation variants] in lipnets.propagation.propagator: one pass per variant
+        variants = max((getattr(nd.op, "variants", 1) for nd in graph.nodes), default=1)
+        props = [Propagator(graph, x, radius, q, crown, v) for v in range(variants if crown else 1)]
+        lo = up = s_lo = s_up = None
+        for prop in props:
+            prop.run()
+            p_lo, p_up = prop.lows[out].reshape(n, -1), prop.ups[out].reshape(n, -1)
+            if crown:
+                eye = torch.eye(m, dtype=x.dtype, device=x.device).expand(n, m, m)
+                c_lo, c_up = prop.linear_bounds(out, eye)
+                p_lo, p_up = torch.fmax(p_lo, c_lo), torch.fmin(p_up, c_up)
+            lo, up = _meet(lo, up, p_lo, p_up)
+            if matrix is None:
+                continue
+            folded = _folded_spec(prop, out, matrix)
+            if folded is not None:  # Note [Specification folded into the last affine layer]
+                s_lo, s_up = _meet(s_lo, s_up, *folded)
+            if crown:
+                s_lo, s_up = _meet(s_lo, s_up, *prop.linear_bounds(out, matrix))
+        assert lo is not None and up is not None
         if crown:
-            eye = torch.eye(m, dtype=x.dtype, device=x.device).expand(n, m, m)
-            c_lo, c_up = prop.linear_bounds(out, eye)
-            lo, up = torch.fmax(lo, c_lo), torch.fmin(up, c_up)
             # Plain IBP too: in floating point the tightened intervals can round a hair
             # outside IBP's (Note [CROWN never looser than IBP]).
             ibp = Propagator(graph, x, radius, q, crown=False).run()
-            lo = torch.fmax(lo, ibp.lows[out].reshape(n, -1))
-            up = torch.fmin(up, ibp.ups[out].reshape(n, -1))
+            lo, up = _meet(lo, up, ibp.lows[out].reshape(n, -1), ibp.ups[out].reshape(n, -1))
         if matrix is None:
             return _finite_or_infinite(lo.reshape(out_shape), up.reshape(out_shape))
-        s_lo, s_up = spec_interval(matrix, lo, up)
-        folded = _folded_spec(prop, out, matrix)
-        if folded is not None:  # Note [Specification folded into the last affine layer]
-            s_lo, s_up = torch.fmax(s_lo, folded[0]), torch.fmin(s_up, folded[1])
-        if crown:
-            d_lo, d_up = prop.linear_bounds(out, matrix)
-            s_lo, s_up = torch.fmax(s_lo, d_lo), torch.fmin(s_up, d_up)
+        s_lo, s_up = _meet(s_lo, s_up, *spec_interval(matrix, lo, up))
+        assert s_lo is not None and s_up is not None
         return _finite_or_infinite(s_lo, s_up)
+
+
+def _meet(
+    lo: Tensor | None, up: Tensor | None, new_lo: Tensor, new_up: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The intersection of two sound bounds (the first may be absent); NaN never wins."""
+    if lo is None or up is None:
+        return new_lo, new_up
+    return torch.fmax(lo, new_lo), torch.fmin(up, new_up)
 
 
 # Note [Specification folded into the last affine layer]

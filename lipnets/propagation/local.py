@@ -23,7 +23,7 @@ whose variation can reach the output, and a constant $K_v \ge \|P_{R_v}
 * $R$: all entries for the output; the union over consumers of what each
   consumer reads: $R_c \wedge \neg \text{inactive}$ for a ReLU, the entries a
   `Gather` picks for $R_c$, $R_c$ for an elementwise sum, everything for any
-  other consumer (so a node read by an affine node has $R = $ everything and
+  other consumer (so a node read by an affine node has $R$ = everything and
   $K_v \ge \|\delta v\| / \|x - y\|$).
 
 Constants, each a one-line proof:
@@ -113,7 +113,7 @@ def local_lipschitz(
         UnboundedModuleError: if an operation has no propagation rule (the
             message names the node), as for `crown_bounds`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import lipnets

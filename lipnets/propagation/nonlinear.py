@@ -112,7 +112,7 @@ def _leaky_relu(b: Builder, node: fx.Node, source: Any, slope: Any) -> int:
         return src
     shape = b.nodes[src].shape
     where = b.where(node)
-    relu = b.add(_ops.ReLU([shape], shape), [src], shape, where)
+    relu = b.add(_ops.ReLU([shape], shape, leak=a), [src], shape, where)
     if a == 0.0:
         return relu
     return b.add(_ops.LeakyCombination(shape, a), [src, relu], shape, where)

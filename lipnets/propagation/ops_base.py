@@ -91,6 +91,9 @@ class Elementwise(Op):
 
     kind = "elementwise"
     slope = 1.0
+    variants = 1
+    """How many relaxations the op offers (Note [Relaxation variants] in
+    `lipnets.propagation.propagator`); ``relaxation`` takes the variant's index."""
 
     def function(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -102,7 +105,7 @@ class Elementwise(Op):
         """The image of the box for a nondecreasing $f$ (others override it)."""
         return self.function(lows[0]), self.function(ups[0])
 
-    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+    def relaxation(self, lower: Tensor, upper: Tensor, variant: int = 0) -> Relaxation:
         raise NotImplementedError
 
     def inexact(self, lower: Tensor, upper: Tensor) -> Tensor:
@@ -115,16 +118,20 @@ class Elementwise(Op):
         return self.slope
 
 
-def relu_relaxation(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def relu_relaxation(
+    lower: Tensor, upper: Tensor, leak: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(lower slope, upper slope, upper intercept) of Note [ReLU relaxation] in
-    `lipnets.propagation.propagator`."""
+    `lipnets.propagation.propagator`; with ``leak`` $= a$, the lower slope is 1 where the
+    chord of LeakyReLU$_a$ is steeper than 1/2 (Note [Relaxation variants] there)."""
     active = lower >= 0
     unstable = ~active & (upper > 0)
     ones = active.to(lower.dtype)
     width = torch.where(unstable, upper - lower, torch.ones_like(lower))
     slope_up = torch.where(unstable, upper / width, ones)
     intercept = torch.where(unstable, -slope_up * lower, torch.zeros_like(lower))
-    slope_lo = torch.where(unstable, (upper > -lower).to(lower.dtype), ones)
+    steep = upper > -lower if leak is None else 2 * (upper - leak * lower) > upper - lower
+    slope_lo = torch.where(unstable, steep.to(lower.dtype), ones)
     unknown = torch.isnan(lower) | torch.isnan(upper)  # Note [Floating-point rounding] in lirpa
     if bool(unknown.any()):
         nan = torch.full_like(lower, math.nan)
@@ -143,11 +150,19 @@ class ReLU(Elementwise):
 
     kind = "relu"
 
+    def __init__(
+        self, in_shapes: Sequence[torch.Size], out_shape: torch.Size, leak: float = 0.0
+    ) -> None:
+        super().__init__(in_shapes, out_shape)
+        self.leak = leak  # the ReLU of a LeakyReLU's rewrite (Note [LeakyReLU as a ReLU])
+        self.variants = 2 if 0.0 < leak < 1.0 else 1
+
     def function(self, x: Tensor) -> Tensor:
         return torch.relu(x)
 
-    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
-        slope_lo, slope_up, intercept = relu_relaxation(lower, upper)
+    def relaxation(self, lower: Tensor, upper: Tensor, variant: int = 0) -> Relaxation:
+        leak = self.leak if variant == 1 and self.variants == 2 else None
+        slope_lo, slope_up, intercept = relu_relaxation(lower, upper, leak)
         return slope_lo, None, slope_up, intercept
 
     def inexact(self, lower: Tensor, upper: Tensor) -> Tensor:

@@ -113,6 +113,9 @@ __all__: list[str] = []
 _TANGENT_STEPS = 64
 """Bisection halvings for the tangent through an endpoint (Note [Relaxations of smooth
 activations])."""
+_GRID_STEP = 0.01
+"""Spacing of the endpoint grid of the second relaxation of tanh and sigmoid (Note [Relaxation
+variants] in `lipnets.propagation.propagator`)."""
 _GRID = 65
 """Grid points per entry for the offsets of GELU and SiLU's lines."""
 _GRID_ENTRIES = 2**22
@@ -134,11 +137,12 @@ class SShaped(Elementwise):
     $f(-x) = 2c - f(x)$: tanh and sigmoid (Note [Relaxations of smooth activations])."""
 
     center = 0.0
+    variants = 2
 
     def derivative(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+    def relaxation(self, lower: Tensor, upper: Tensor, variant: int = 0) -> Relaxation:
         f, df = self.function, self.derivative
         lo, up = lower, torch.maximum(upper, lower)
         f_lo, f_up = f(lo), f(up)
@@ -157,21 +161,28 @@ class SShaped(Elementwise):
         straddle = ~(convex | concave) & torch.isfinite(lo) & torch.isfinite(up)
         if bool(straddle.any()):
             l_s, u_s, s = lo[straddle], up[straddle], chord[straddle]
-            slope_up[straddle], b_up[straddle] = self._upper_straddling(l_s, u_s, f_lo[straddle], s)
-            slope, b = self._upper_straddling(-u_s, -l_s, f(-u_s), s)  # the mirror interval
+            grid = variant == 1
+            slope_up[straddle], b_up[straddle] = self._upper_straddling(l_s, u_s, s, grid)
+            slope, b = self._upper_straddling(-u_s, -l_s, s, grid)  # the mirror interval
             slope_lo[straddle], b_lo[straddle] = slope, 2 * self.center - b
         return _nan_unknown(lower, upper, [slope_lo, b_lo, slope_up, b_up])
 
     def _upper_straddling(
-        self, lo: Tensor, up: Tensor, f_lo: Tensor, chord: Tensor
+        self, lo: Tensor, up: Tensor, chord: Tensor, grid: bool
     ) -> tuple[Tensor, Tensor]:
-        """The upper line on $[l, u]$, $l < 0 < u$: the chord or the tangent through $(l, f(l))$."""
+        """The upper line on $[l, u]$, $l < 0 < u$: the chord or the tangent through $(l,
+        f(l))$, or with ``grid`` through $(l', f(l'))$, $l'$ the grid point below $l$."""
         f, df = self.function, self.derivative
         use_chord = df(up) >= chord
-        a, b = torch.zeros_like(up), up.clone()
+        f_lo = f(lo)
+        # Note [Relaxation variants] in lipnets.propagation.propagator: l' <= l
+        end = -(torch.floor(-lo / _GRID_STEP) + 1) * _GRID_STEP if grid else lo
+        f_end = f(end) if grid else f_lo
+        # t(d) >= 0 at d = u (not the chord) and at d = |l'| (sinh(2d) >= 2d), t increases
+        a, b = torch.zeros_like(up), torch.maximum(up, -end) if grid else up.clone()
         for _ in range(_TANGENT_STEPS):
             mid = a + (b - a) / 2
-            above = f(mid) + df(mid) * (lo - mid) >= f_lo  # t(mid) >= 0: keep it as the end
+            above = f(mid) + df(mid) * (end - mid) >= f_end  # t(mid) >= 0: keep it as the end
             b, a = torch.where(above, mid, b), torch.where(above, a, mid)
         d = torch.maximum(b, lo + (up - lo) / 2)  # the tangent of least area among the valid
         slope = df(d)
@@ -223,7 +234,7 @@ class Unimodal(Elementwise):
         low = torch.where(near, torch.minimum(low, low.new_tensor(least)), low)
         return low, torch.maximum(f_lo, f_up)
 
-    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+    def relaxation(self, lower: Tensor, upper: Tensor, variant: int = 0) -> Relaxation:
         lo, up = lower, torch.maximum(upper, lower)
         f_lo, f_up = self.function(lo), self.function(up)
         width = up - lo

@@ -76,7 +76,7 @@ class Softmax(Elementwise):
         end = F.logsigmoid if self.log else torch.sigmoid
         return end(lo - low), end(up - high)
 
-    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+    def relaxation(self, lower: Tensor, upper: Tensor, variant: int = 0) -> Relaxation:
         lo, up = self.interval([lower], [upper])
         zero = torch.zeros_like(lo)
         return zero, lo, zero, up
@@ -111,7 +111,7 @@ class Normalize(Elementwise):
         high = torch.where(up >= 0, up / near, up / far).clamp(-1.0, 1.0)
         return low, high
 
-    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+    def relaxation(self, lower: Tensor, upper: Tensor, variant: int = 0) -> Relaxation:
         lo, up = self.interval([lower], [upper])
         zero = torch.zeros_like(lo)
         return zero, lo, zero, up

@@ -32,6 +32,30 @@ $u \le 0$ is zero; both are exact. Backward propagation of a lower bound of
 $a^\top \mathrm{relu}(z)$ takes the lower line where $a_i \ge 0$ and the
 chord where $a_i < 0$ (upper bounds are lower bounds of the negated rows).
 
+# Note [Relaxation variants]
+
+No relaxation of a nonlinear op is best for every bound: which lines give the tightest
+bound depends on the coefficients that reach them. Some ops therefore offer a second
+relaxation (``Elementwise.variants``), each sound on its own, and `crown_bounds` runs one
+whole CROWN pass per variant index (variant $v$ for every op that has it, variant 0 for
+the others) and intersects the results, which is sound and never looser than any single
+pass. lipnets' default lines minimise the area between them; the second ones are the
+lines of auto_LiRPA's CROWN (Xu et al., 2020), so lipnets' CROWN is never looser than
+auto_LiRPA's on these ops:
+
+* LeakyReLU$_a$ with $0 < a < 1$ (the ReLU of its rewrite, Note [LeakyReLU as a ReLU] in
+  `lipnets.propagation.ops_elementwise`): lower slope 1 (of the LeakyReLU) when the chord's
+  slope $(u - a l) / (u - l)$ exceeds $\frac12$, else $a$, instead of 1 when $u > -l$;
+  both are lines through the origin with slope in $[a, 1]$, below the function.
+* tanh and sigmoid on an interval that straddles 0: the tangent through the endpoint is
+  searched for the grid point $l' = -0.01 (\lfloor -l / 0.01 \rfloor + 1) \le l$ instead
+  of $l$ itself (a tangent valid through $(l', f(l'))$ is valid through $(l, f(l))$, as
+  Note [Relaxations of smooth activations] shows every $d \ge d_0$ is), and the mirror
+  for the lower line.
+
+A network whose ops have one relaxation each (ReLU, the comparators, max pooling) gets
+one pass, as before.
+
 # Note [IBP over an l2 ball]
 
 Intervals are boxes. The smallest box around the l2 ball is the l-infinity
@@ -72,8 +96,11 @@ class Propagator:
     Note [CROWN never looser than IBP] in `lipnets.propagation.lirpa` describes the passes.
     """
 
-    def __init__(self, graph: Graph, x: Tensor, eps: Tensor, norm: float, crown: bool) -> None:
+    def __init__(
+        self, graph: Graph, x: Tensor, eps: Tensor, norm: float, crown: bool, variant: int = 0
+    ) -> None:
         self.graph = graph
+        self.variant = variant  # Note [Relaxation variants]
         self.nodes = graph.nodes
         self.x = x
         self.n = x.shape[0]
@@ -102,7 +129,8 @@ class Propagator:
                 self.tighten(node.index)
             if isinstance(node.op, _ops.Elementwise) and self.crown:
                 i = node.inputs[0]
-                self.relax[node.index] = node.op.relaxation(self.lows[i], self.ups[i])
+                relax = node.op.relaxation
+                self.relax[node.index] = relax(self.lows[i], self.ups[i], self.variant)
         return self
 
     def interval(self, node) -> tuple[Tensor, Tensor]:

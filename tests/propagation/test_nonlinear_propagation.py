@@ -37,6 +37,7 @@ ELEMENTWISE = {
     "gelu_tanh": _ops.GELU([S], S, "tanh"),
     "silu": _ops.SiLU([S], S),
     "relu": _ops.ReLU([S], S),
+    "relu_of_leaky": _ops.ReLU([S], S, leak=0.1),  # variant 1: LeakyReLU(0.1)'s slope rule
 }
 
 
@@ -59,13 +60,15 @@ def _intervals() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+@pytest.mark.parametrize("variant", [0, 1])
 @pytest.mark.parametrize("name", list(ELEMENTWISE))
-def test_relaxation_lines_hold_on_dense_grids(name: str) -> None:
+def test_relaxation_lines_hold_on_dense_grids(name: str, variant: int) -> None:
     """Lower line <= f <= upper line, and the interval holds f, at 2001 points of each of
-    700 intervals; on narrow intervals the lines touch f (gap <= w^2)."""
+    700 intervals, for every relaxation variant (Note [Relaxation variants]); on narrow
+    intervals the lines touch f (gap <= w^2)."""
     op = ELEMENTWISE[name]
     lo, up = _intervals()
-    slope_lo, b_lo, slope_up, b_up = op.relaxation(lo, up)
+    slope_lo, b_lo, slope_up, b_up = op.relaxation(lo, up, variant)
     b_lo = torch.zeros_like(lo) if b_lo is None else b_lo
     xs = lo[:, None] + (up - lo)[:, None] * torch.linspace(0, 1, 2001, dtype=DT)
     f = op.function(xs)
@@ -79,7 +82,7 @@ def test_relaxation_lines_hold_on_dense_grids(name: str) -> None:
     width = up - lo
     narrow = width <= 1e-2
     gap = (high - low).amax(1)
-    if name != "relu":  # smooth: second-order contact
+    if not name.startswith("relu"):  # smooth: second-order contact
         assert bool((gap[narrow] <= width[narrow] ** 2 + 1e-12 * (1 + lo[narrow].abs())).all())
 
 
@@ -98,6 +101,59 @@ def test_s_shaped_lines_are_chords_and_tangents(name: str) -> None:
     torch.testing.assert_close(slope_lo[1] * up[1] + b_lo[1], f_up[1])
     xs = torch.linspace(-2.0, 4.0, 60001, dtype=DT)
     assert float((slope_up[2] * xs + b_up[2] - op.function(xs)).min()) <= 1e-8  # touches
+
+
+def test_second_variants_are_the_documented_lines() -> None:
+    """Note [Relaxation variants]: LeakyReLU(a)'s ReLU takes lower slope 1 exactly when the
+    leaky chord is steeper than 1/2; tanh and sigmoid touch at the tangent point found for
+    the grid endpoint l' <= l, never left of the default one."""
+    lo = torch.tensor([-1.0, -1.0, -1.0, -3.0], dtype=DT)
+    up = torch.tensor([0.7, 0.85, 1.2, 0.5], dtype=DT)
+    leaky = _ops.ReLU([S], S, leak=0.1)
+    assert leaky.relaxation(lo, up, 1)[0].tolist() == [0.0, 1.0, 1.0, 0.0]  # u > 0.8 |l|
+    assert leaky.relaxation(lo, up, 0)[0].tolist() == [0.0, 0.0, 1.0, 0.0]  # u > |l|
+    xs = torch.linspace(-4.0, 4.0, 80001, dtype=DT)
+    for name in ("tanh", "sigmoid"):
+        op = ELEMENTWISE[name]
+        lo = torch.tensor([-2.004, -0.5, -3.333], dtype=DT)
+        up = torch.tensor([2.5, 3.0, 3.0], dtype=DT)  # tangents (the chord is not above f)
+        for variant in (0, 1):
+            _, _, slope_up, b_up = op.relaxation(lo, up, variant)
+            gap = slope_up[:, None] * xs + b_up[:, None] - op.function(xs)
+            touch = xs[gap.argmin(1)]
+            if variant == 0:
+                default = touch
+                continue
+            assert bool((touch >= default - 1e-4).all()), (name, touch, default)
+            grid = -(torch.floor(-lo / 0.01) + 1) * 0.01
+            through = slope_up * grid + b_up - op.function(grid)  # passes through (l', f(l'))
+            assert bool((through[[0, 2]].abs() <= 1e-12).all()), through
+            assert float(through[1]) > 0.05  # the midpoint's tangent: d0' < m = 1.25
+
+
+def test_crown_meets_every_variant_pass() -> None:
+    """crown_bounds intersects one full pass per variant: never looser than either, and
+    strictly tighter than the default pass somewhere on LeakyReLU and tanh MLPs."""
+    for act in (nn.LeakyReLU(0.1), nn.Tanh()):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(4, 12), act, nn.Linear(12, 12), act, nn.Linear(12, 3))
+        model = model.to(DT).eval()
+        x = torch.randn(16, 4, dtype=DT)
+        gained = False
+        for norm in NORMS:
+            bounds = crown_bounds(model, x, 0.3, norm=norm)
+            x_, radius = check_args(model, x, 0.3)
+            with session(model):
+                graph = build(model, x_, radius, float(norm))
+                passes = [Propagator(graph, x_, radius, float(norm), True, v).run() for v in (0, 1)]
+            eye = torch.eye(3, dtype=DT).expand(16, 3, 3)
+            widths = []
+            for prop in passes:
+                lo, up = prop.linear_bounds(graph.output, eye)
+                assert bool((bounds.lower >= lo).all() and (bounds.upper <= up).all())
+                widths.append(up - lo)
+            gained |= bool((bounds.upper - bounds.lower < widths[0] - 1e-12).any())
+        assert gained, act
 
 
 @pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu"])
@@ -129,7 +185,7 @@ def test_relu_generic_path_agrees_bitwise() -> None:
         def function(self, x):
             return torch.relu(x)
 
-        def relaxation(self, lower, upper):
+        def relaxation(self, lower, upper, variant=0):
             s_lo, s_up, b_up = relaxation(lower, upper)
             return s_lo, torch.zeros_like(lower), s_up, b_up
 
