@@ -117,6 +117,13 @@ def trace_graph(
     except Exception as exc:
         path = [p for p in tracer.failed_in or [] if p[0] not in ("", "0")]
         where = f"{_user(path[-1][0])} ({path[-1][1]})" if path else f"the model ({name})"
+        if isinstance(exc, NameError) and "not installed as a submodule" in str(exc):
+            raise UntraceableModelError(
+                f"the forward of {where} calls a module that is not one of the model's "
+                "submodules (held in a global, a closure or a plain list or dict), whose "
+                "weights torch.fx cannot read from the model; make it a submodule "
+                "(`self.f = f`, or an nn.ModuleList / nn.ModuleDict)"
+            ) from exc
         raise UntraceableModelError(
             f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}. Give that module a "
             "`lipschitz_bound(self, input_shape=None)` method returning a sound bound, so that "
