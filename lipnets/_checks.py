@@ -75,7 +75,7 @@ def check_int(value: object, name: str, minimum: int = 1, *, maximum: int | None
     A bool is not an int here. Any ``numbers.Integral`` (a numpy integer) is
     accepted and returned as a Python ``int``.
 
-    Example:
+    Examples:
         >>> check_int(3, "kernel_size")
         3
         >>> check_int(0, "padding", 0)
@@ -110,7 +110,7 @@ def check_int_pair(value: object, name: str, minimum: int = 1) -> tuple[int, int
     This is how ``torch.nn.Conv2d`` reads ``kernel_size``, ``stride``,
     ``padding`` and ``dilation``.
 
-    Example:
+    Examples:
         >>> check_int_pair(3, "kernel_size")
         (3, 3)
         >>> check_int_pair((1, 2), "padding", 0)
@@ -141,7 +141,7 @@ def check_square(value: object, name: str, minimum: int = 1, *, why: str = "") -
     For layers that only support square kernels or strides; ``why`` (such as
     ``" (space_to_depth folds square blocks)"``) is added to the message.
 
-    Example:
+    Examples:
         >>> check_square((3, 3), "kernel_size")
         3
     """
@@ -184,7 +184,7 @@ def check_real(
     always open, so the defaults accept every finite number. A bool is not a
     number here; a tensor is not either (pass ``t.item()``).
 
-    Example:
+    Examples:
         >>> check_real(0.5, "margin", low=0.0, low_open=True)
         0.5
         >>> check_real(-1, "alpha", low=0.0)
@@ -209,7 +209,7 @@ def check_real(
 def check_probability(value: object, name: str, *, closed: bool = False) -> float:
     """``value`` as a float in $(0, 1)$, or in $[0, 1]$ when ``closed``.
 
-    Example:
+    Examples:
         >>> check_probability(0.25, "positive_fraction")
         0.25
     """
@@ -221,7 +221,7 @@ def check_choice(value: object, name: str, choices: Sequence[object], *, why: st
 
     ``why`` is added to the message after the list of choices.
 
-    Example:
+    Examples:
         >>> check_choice("mean", "reduction", ("none", "mean", "sum"))
         'mean'
         >>> check_choice("avg", "reduction", ("none", "mean", "sum"))
@@ -242,7 +242,7 @@ def check_norm(value: object, name: str = "norm") -> float:
     Accepted spellings: ``2``, ``2.0``, ``float('inf')``, ``math.inf`` and the
     strings ``"2"``, ``"l2"``, ``"inf"``, ``"linf"`` (any case).
 
-    Example:
+    Examples:
         >>> check_norm("Linf")
         inf
     """
@@ -271,7 +271,7 @@ def check_eps(
 
     Returns a tensor of shape ``(n,)`` in ``dtype`` on ``device``, detached.
 
-    Example:
+    Examples:
         >>> check_eps(0.5, 3)
         tensor([0.5000, 0.5000, 0.5000], dtype=torch.float64)
     """
@@ -295,7 +295,7 @@ def check_eps(
 def check_radii(value: object, name: str = "eps") -> list[float]:
     """A list of radii from a number or a non-empty sequence (or tensor) of numbers ``>= 0``.
 
-    Example:
+    Examples:
         >>> check_radii([0.0, 0.25])
         [0.0, 0.25]
     """
@@ -323,7 +323,7 @@ def check_radii(value: object, name: str = "eps") -> list[float]:
 def check_instance(value: object, name: str, cls: type, *, what: str | None = None) -> object:
     """``value`` if it is an instance of ``cls``; ``what`` names the class in the message.
 
-    Example:
+    Examples:
         >>> check_instance([], "config", dict, what="a dict of options")
         Traceback (most recent call last):
         ...
@@ -345,7 +345,7 @@ def check_tensor(
     Raises:
         TypeError: naming ``name`` and the type or dtype received.
 
-    Example:
+    Examples:
         >>> check_tensor(torch.ones(2, dtype=torch.int64), "w", floating=True)
         Traceback (most recent call last):
         ...
@@ -378,7 +378,7 @@ def check_shape(
 def check_spatial_shape(value: object, name: str = "input_shape") -> tuple[int, ...]:
     """``value`` as a tuple of positive ints ending with the spatial size ``(H, W)``.
 
-    Example:
+    Examples:
         >>> check_spatial_shape((1, 3, 8, 8))[-2:]
         (8, 8)
     """

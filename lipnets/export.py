@@ -54,7 +54,7 @@ def to_vanilla(model: nn.Module) -> nn.Module:
             method replaced on the instance) or has forward hooks (Note [Trust policy]
             in `lipnets.graph.policy`).
 
-    Example:
+    Examples:
         >>> import torch, lipnets
         >>> net = nn.Sequential(lipnets.nn.BjorckLinear(4, 8), lipnets.MaxMin())
         >>> plain = lipnets.to_vanilla(net)

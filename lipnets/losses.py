@@ -149,7 +149,7 @@ class MulticlassHingeLoss(nn.Module):
         ValueError: if ``margin`` is not a finite number $> 0$ or
             ``reduction`` is not one of the three names.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss = MulticlassHingeLoss(margin=1.0, reduction="none")
         >>> scores = torch.tensor([[3.0, 1.0, 0.5], [1.0, 1.5, 0.0]])
@@ -230,7 +230,7 @@ class KRLoss(nn.Module):
         ValueError: if ``positive_fraction`` is not in $(0, 1)$ or
             ``reduction`` is not one of the three names.
 
-    Example:
+    Examples:
         >>> import torch
         >>> scores = torch.tensor([2.0, 1.0, -1.0, 0.0])
         >>> labels = torch.tensor([1, 1, 0, 0])  # half positives
@@ -296,7 +296,7 @@ class HKRLoss(nn.Module):
             is not in $(0, 1)$, or ``reduction`` is not one of the three
             names.
 
-    Example:
+    Examples:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> scores, labels = torch.randn(6, 3, generator=g), torch.tensor([0, 1, 2, 2, 1, 0])
@@ -378,7 +378,7 @@ class LipschitzCrossEntropyLoss(nn.Module):
         ValueError: if ``offset < 0``, ``temperature <= 0`` or ``reduction``
             is not one of the three names.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> g = torch.Generator().manual_seed(0)

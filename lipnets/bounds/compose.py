@@ -101,7 +101,7 @@ def lipschitz_bound(model: nn.Module, input_shape: Sequence[int] | None = None) 
         ShapeRequiredError: if the bound depends on sizes and ``input_shape``
             is missing.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import lipnets

@@ -49,7 +49,7 @@ def register_bound(*module_types: type[nn.Module]) -> Callable[[_R], _R]:
     Raises:
         TypeError: if no type is given or one is not an ``nn.Module`` subclass.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import lipnets

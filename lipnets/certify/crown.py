@@ -123,7 +123,7 @@ def certify_crown(
         UnboundedModuleError: if an operation of the model has no propagation
             rule (the message names it).
 
-    Example:
+    Examples:
         A linear classifier whose decision boundary is at distance
         $1/\sqrt2 \approx 0.707$ from the input: CROWN certifies radius 0.7
         but not 0.72 (it is exact on a linear model). IBP folds the margin

@@ -173,7 +173,7 @@ def certified_radius(
             non-positive or NaN ``lipschitz``, an unknown ``mode`` or ``norm``,
             or ``norm=inf`` without ``input_dim``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lipnets.certify import certified_radius
         >>> logits = torch.tensor([[2.0, 0.5, 1.0], [1.0, 1.0, 0.0]])
@@ -354,7 +354,7 @@ def certified_accuracy(
             ``eps``, an empty dataset, or ``mode="last_layer"`` on a model that is
             not an ``nn.Sequential`` ending in an ``nn.Linear``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import lipnets

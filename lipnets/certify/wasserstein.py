@@ -106,7 +106,7 @@ def wasserstein_estimate(
         UnboundedModuleError: if ``lipschitz`` is not given and the critic has
             a part without a sound bound rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> critic = nn.Linear(1, 1)

@@ -173,7 +173,7 @@ def pgd_l2(
             through autograd.
         ImportError: if ``progress=True`` and `tqdm` is not installed.
 
-    Example:
+    Examples:
         A linear classifier whose decision boundary is at distance
         $1/\sqrt{2} \approx 0.707$ from the input: the attack flips the label
         within a radius of 0.75 and stays inside the ball.

@@ -104,7 +104,7 @@ def autolip(
         UnboundedModuleError: if the graph holds a non-affine part with no
             known constant (as for `lipschitz_bound`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import lipnets

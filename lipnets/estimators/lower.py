@@ -123,7 +123,7 @@ def lower_bound(
             slope was found.
         ImportError: if ``progress=True`` and `tqdm` is not installed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import lipnets

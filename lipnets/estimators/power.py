@@ -142,7 +142,7 @@ def power_iteration(
         RuntimeError: if the output of `op` does not depend on its input
             through autograd.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> layer = nn.Linear(4, 3)
@@ -328,7 +328,7 @@ def jacobian_norm(
             if an argument is out of range, or if `x`, the output or the
             Jacobian hold NaN or infinite values.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -261,7 +261,7 @@ def seqlip(
             example GroupSort or a residual block: use `autolip`), a block is
             wider than `max_width`, or an argument is out of range.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lipnets.estimators import autolip, seqlip

@@ -73,7 +73,7 @@ def group_sort(x: Tensor, group_size: int, dim: int = 1) -> Tensor:
             accepted), or does not divide the number of channels.
         IndexError: If `dim` is out of range for `x.ndim`.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[3.0, 1.0, -2.0, 5.0]])
         >>> y = group_sort(x, group_size=2)
         >>> y
@@ -144,7 +144,7 @@ def max_min(x: Tensor, dim: int = 1) -> Tensor:
         ValueError: If the number of channels along `dim` is odd.
         IndexError: If `dim` is out of range for `x.ndim`.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[1.0, 4.0, 2.0, -3.0]])
         >>> y = max_min(x)
         >>> y
@@ -196,7 +196,7 @@ def full_sort(x: Tensor, dim: int = 1) -> Tensor:
         TypeError: If `x` is not a tensor or `dim` is not an int.
         IndexError: If `dim` is out of range for `x.ndim`.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([[2.0, -1.0, 0.5]])
         >>> y = full_sort(x)
         >>> y

@@ -123,7 +123,7 @@ def bcop_kernel(h: Tensor, qs: Tensor | Sequence[Tensor], in_channels: int | Non
         TypeError: if `h` or `qs` is not a floating-point tensor.
         ValueError: for inconsistent shapes or an odd number of factors.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> g = torch.Generator().manual_seed(0)
@@ -184,7 +184,7 @@ def strided_from_space_to_depth(kernel: Tensor, factor: int) -> Tensor:
     circular padding when $f$ divides the input size (Note [BCOP strided
     kernel]). A permutation of entries.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> k = torch.randn(3, 8, 3, 3, dtype=torch.float64)
@@ -206,7 +206,7 @@ def strided_from_space_to_depth(kernel: Tensor, factor: int) -> Tensor:
 def space_to_depth_from_strided(kernel: Tensor, factor: int) -> Tensor:
     r"""Inverse of `strided_from_space_to_depth`: the kernel acting after `space_to_depth`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> k = torch.randn(3, 8, 3, 3)
         >>> bool(torch.equal(space_to_depth_from_strided(strided_from_space_to_depth(k, 2), 2), k))

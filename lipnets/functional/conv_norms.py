@@ -83,7 +83,7 @@ def conv2d_spectral_norm_bound(
             ``padding="same"`` with a stride, ``groups`` not dividing ``out_channels``); or
             if ``input_size`` is too small for the kernel or the padding mode.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lipnets.functional.conv_norms import conv2d_spectral_norm_bound
         >>> w = torch.zeros(1, 1, 3, 3)

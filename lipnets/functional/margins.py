@@ -156,7 +156,7 @@ def margin(scores: Tensor, labels: Tensor) -> Tensor:
         TypeError: if ``scores`` is not a floating-point tensor.
         ValueError: on mismatched lengths, labels out of range, or NaN scores.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lipnets.functional import margin
         >>> margin(torch.tensor([[3.0, 1.0, 2.5], [1.0, 1.0, 0.0]]), torch.tensor([0, 0])).tolist()

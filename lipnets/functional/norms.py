@@ -48,7 +48,7 @@ def spectral_norm_bound(matrix: torch.Tensor, *, name: str = "matrix") -> torch.
         ValueError: if it has fewer than 2 dimensions, is uninitialised (lazy),
             or holds NaN or infinite entries.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lipnets.functional import spectral_norm_bound
         >>> w = torch.diag(torch.tensor([3.0, 1.0]))

@@ -168,7 +168,7 @@ def bjorck(
         ValueError: for a tensor with fewer than 2 dimensions, an empty one, an
             all-zero or non-finite matrix, or a bad option.
 
-    Example:
+    Examples:
         >>> w = torch.randn(6, 4, dtype=torch.float64)
         >>> q = bjorck(w)
         >>> bool(torch.allclose(q.mT @ q, torch.eye(4, dtype=torch.float64), atol=1e-6))
@@ -231,7 +231,7 @@ def bjorck_retraction(
     an $O(\|w - Q\|)$ approximation otherwise; `BjorckOrthogonal` only calls it
     on a raw weight it keeps orthogonal. Arguments are those of `bjorck`.
 
-    Example:
+    Examples:
         >>> q0 = torch.linalg.qr(torch.randn(5, 3, dtype=torch.float64))[0]
         >>> w = q0.clone().requires_grad_()
         >>> bjorck_retraction(w).sum().backward()
@@ -265,7 +265,7 @@ def cayley(a: Tensor, out_features: int, in_features: int) -> Tensor:
         out_features: rows of the result.
         in_features: columns of the result.
 
-    Example:
+    Examples:
         >>> a = torch.randn(5, 5, dtype=torch.float64)
         >>> q = cayley(a, 5, 3)
         >>> bool(torch.allclose(q.mT @ q, torch.eye(3, dtype=torch.float64)))
@@ -307,7 +307,7 @@ def orthogonality_error(w: Tensor, *, name: str = "w") -> Tensor:
         TypeError: if `w` is not a floating-point or complex tensor.
         ValueError: if it has fewer than 2 dimensions, is empty or not finite.
 
-    Example:
+    Examples:
         >>> orthogonality_error(torch.diag(torch.tensor([1.0, 0.5])))
         tensor(0.5000, dtype=torch.float64)
     """

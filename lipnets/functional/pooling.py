@@ -74,7 +74,7 @@ def max_window_cover(
         ValueError: If an argument is not an int in range (`kernel_size`,
             `stride` and `size` $\geq 1$, `padding` $\geq 0$).
 
-    Example:
+    Examples:
         >>> max_window_cover(3, 1)  # each position in 3 windows
         3
         >>> max_window_cover(3, 1, size=4)  # only 2 windows fit in 4 positions
@@ -132,7 +132,7 @@ def l2_norm_pool2d(
         ValueError: If `kernel_size`, `stride` or `padding` is not an int (or
             pair) in range, or `x` is not 3- or 4-dimensional.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.tensor([[[[3.0, 4.0], [0.0, 0.0]]]])
         >>> l2_norm_pool2d(x, 2)
@@ -215,7 +215,7 @@ def l2_norm_pool2d_lipschitz_bound(
         ValueError: If an argument is not an int (or pair) in range, or a
             padded spatial size is smaller than the kernel.
 
-    Example:
+    Examples:
         >>> l2_norm_pool2d_lipschitz_bound(2, stride=1)  # up to 2 x 2 windows per position
         tensor(2., dtype=torch.float64)
         >>> l2_norm_pool2d_lipschitz_bound(3, stride=1, input_size=(3, 9))  # one row

@@ -64,7 +64,7 @@ def space_to_depth(x: Tensor, factor: int) -> Tensor:
             accepted), `x` has fewer than 3 dimensions, or $H$ or $W$ is not
             divisible by `factor`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
         >>> y = space_to_depth(x, 2)
@@ -119,7 +119,7 @@ def depth_to_space(x: Tensor, factor: int) -> Tensor:
             dimensions, or the number of channels is not divisible by
             `factor**2`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(2, 8, 3, 5)
         >>> y = depth_to_space(x, 2)

@@ -67,7 +67,7 @@ def reuse_traces() -> Iterator[None]:
     Outside the context every call traces afresh. `certification_report` runs in it
     (one trace for all radii and batches). Nested contexts share the outer one's graphs.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import lipnets

@@ -40,7 +40,7 @@ class GroupSort(nn.Module):
             accepted).
         TypeError: If `dim` is not an int.
 
-    Example:
+    Examples:
         >>> act = GroupSort(group_size=2)
         >>> x = torch.randn(8, 6, 5, 5)
         >>> y = act(x)
@@ -109,7 +109,7 @@ class MaxMin(nn.Module):
     Raises:
         TypeError: If `dim` is not an int.
 
-    Example:
+    Examples:
         >>> act = MaxMin()
         >>> x = torch.randn(8, 6)
         >>> y = act(x)
@@ -170,7 +170,7 @@ class FullSort(nn.Module):
     Raises:
         TypeError: If `dim` is not an int.
 
-    Example:
+    Examples:
         >>> act = FullSort()
         >>> x = torch.randn(4, 7)
         >>> y = act(x)

@@ -119,7 +119,7 @@ class BCOPConv2d(nn.Conv2d):
             listed above, or channels < 1.
         TypeError: if `config` is not a `BjorckConfig`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> layer = BCOPConv2d(8, 8, 3, bias=False)
         >>> x = torch.randn(2, 8, 10, 10)

@@ -113,7 +113,7 @@ class BjorckLinear(_OrthogonalLinear):
         device: as for `nn.Linear`.
         dtype: as for `nn.Linear`.
 
-    Example:
+    Examples:
         >>> layer = BjorckLinear(16, 32, bias=False)
         >>> x = torch.randn(4, 16)
         >>> bool(torch.allclose(layer(x).norm(dim=1), x.norm(dim=1), rtol=1e-5))
@@ -178,7 +178,7 @@ class CayleyLinear(_OrthogonalLinear):
         device: as for `nn.Linear`.
         dtype: as for `nn.Linear`.
 
-    Example:
+    Examples:
         >>> layer = CayleyLinear(8, 3)
         >>> w = layer.weight
         >>> bool(torch.allclose(w @ w.mT, torch.eye(3), atol=1e-5))

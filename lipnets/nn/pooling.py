@@ -55,7 +55,7 @@ class InvertibleDownsample(nn.Module):
     Raises:
         ValueError: If `factor` is not an int $\geq 1$.
 
-    Example:
+    Examples:
         >>> down = InvertibleDownsample(2)
         >>> x = torch.randn(4, 3, 8, 8)
         >>> y = down(x)
@@ -132,7 +132,7 @@ class L2NormPool2d(nn.Module):
     Raises:
         ValueError: If an argument is not an int (or pair) in range.
 
-    Example:
+    Examples:
         >>> pool = L2NormPool2d(2, stride=1)
         >>> x = torch.tensor([[[[1.0, 2.0, 1.0, 2.0, 1.0]] * 2]])
         >>> pool(x).shape

@@ -47,7 +47,7 @@ class BCOPOrthogonal(nn.Module):
         zero_slice: prepend a zero first row and column.
         config: a `BjorckConfig` preset.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> p = BCOPOrthogonal(out_channels=4, in_channels=4, kernel_size=3)

@@ -152,7 +152,7 @@ class BjorckOrthogonal(nn.Module):
         config: a `BjorckConfig` preset.
         name: how to name the weight in errors and warnings.
 
-    Example:
+    Examples:
         >>> from torch.nn.utils import parametrize
         >>> layer = nn.Linear(4, 6)
         >>> _ = parametrize.register_parametrization(layer, "weight", BjorckOrthogonal())
@@ -192,7 +192,7 @@ class CayleyOrthogonal(nn.Module):
         in_features: columns of the weight.
         dtype: the least precise dtype to compute in.
 
-    Example:
+    Examples:
         >>> p = CayleyOrthogonal(6, 4)
         >>> w = p(torch.randn(6, 6))
         >>> bool(torch.allclose(w.mT @ w, torch.eye(4), atol=1e-5))

@@ -175,7 +175,7 @@ def _certification_report(
         UnboundedModuleError: if the model has no sound Lipschitz bound (and
             none is given) or an operation without a propagation rule.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import lipnets

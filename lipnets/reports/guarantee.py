@@ -151,7 +151,7 @@ def report(
         UnboundedModuleError: if the model has a part without a sound bound
             rule (as for `lipschitz_bound`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import lipnets
