@@ -18,12 +18,17 @@ Commands:
 
 Every certified number comes from `lipnets.lipschitz_bound`, computed from the
 weights the model has, never from an assumed 1.
+
+Every value is checked at the door by its argparse type (`zoo.arguments`):
+a refusal is one line on stderr, status 2, before any data are loaded. A run
+folder is written whole or not at all, never over an earlier run
+(`zoo.runs`); a card is checked and its checkpoint verified before loading
+(`zoo.cards`).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 import time
@@ -35,6 +40,7 @@ import torch
 from torch import nn
 
 import lipnets
+from zoo import arguments
 
 # ---------------------------------------------------------------- demo
 
@@ -95,14 +101,13 @@ def _print_evaluation(ev: Any, *, header: str) -> None:
 
 
 def _eps_list(values: list[float] | None, default: tuple[float, ...]) -> list[float]:
-    """The radii to certify, rounded as the card writes them (so ``eval`` uses the same)."""
-    from zoo.errors import ZooError
+    """The radii to certify (checked by `zoo.arguments.radius`), rounded as the card writes them.
+
+    Rounded so that ``eval`` uses the same radii as the card's keys.
+    """
     from zoo.train import eps_key
 
     eps = list(default if values is None else values)
-    for e in eps:
-        if not math.isfinite(e) or e < 0:
-            raise ZooError(f"--eps takes radii >= 0, got {e}")
     return [float(eps_key(e)) for e in eps]
 
 
@@ -142,15 +147,21 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from zoo import cards, data, models, train
     from zoo.errors import ZooError
 
+    # At the door: every value was checked by its argparse type; what depends
+    # on several values is checked here, before any data are loaded.
     spec = models.get(args.model)
     if spec.kind == "critic":
         raise ZooError(
             f"{args.model} is a Wasserstein critic: it is trained between two 2-D "
             "distributions by `python -m zoo wasserstein` (see --p, --q), not on --data"
         )
-    data.get(args.data)  # an unknown name fails before anything starts
+    dataset = data.get(args.data)  # an unknown name fails before anything starts
     options = models.parse_options(args.option)
     spec.options(options)  # unknown options fail before data are loaded
+    # the options' ranges are checked by the builder: build once on the dataset's known shape
+    models.build(
+        args.model, input_shape=dataset.input_shape, num_outputs=dataset.num_classes, **options
+    )
     config = train.default_config(
         args.model,
         epochs=args.epochs,
@@ -164,8 +175,13 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         weight_decay=args.weight_decay,
         seed=args.seed,
     )
-    eps = _eps_list(args.eps, data.get(args.data).default_eps)
+    eps = _eps_list(args.eps, dataset.default_eps)
     ddp = train.Distributed.from_env()
+    if config.batch_size % ddp.world_size:
+        raise ZooError(
+            f"--batch-size must be divisible by the number of processes ({ddp.world_size}), "
+            f"got {config.batch_size}: it is the global batch, split evenly over them"
+        )
     device = ddp.device(args.device)
     ddp.init(device)
     try:
@@ -199,10 +215,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
                 model, split.test, eps, device=device, lower=search, progress=progress
             )
             name = args.name or f"{args.model}-{args.data}-{datetime.now():%Y%m%d-%H%M%S}"
-            folder = Path(args.out) / name
             arch = cards.architecture(args.model, options, info.input_shape, info.num_classes)
-            train.write_run(
-                folder,
+            folder = train.write_run(
+                args.out,
+                name,
                 model,
                 arch,
                 info,
@@ -225,11 +241,18 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
                 f"trained in {history.seconds:.1f} s ({history.steps} steps), "
                 f"{total:.1f} s with evaluation:",
             )
-            print(f"  run folder              {folder}")
+            print(f"  run folder              {folder}{_kept(args.out, name, folder)}")
         ddp.barrier()
     finally:
         ddp.close()
     return 0
+
+
+def _kept(out: Path, name: str, folder: Path) -> str:
+    """A note when the run went to a suffixed folder because ``name`` was taken."""
+    if folder.name == name:
+        return ""
+    return f"  ({out / name} exists and is kept)"
 
 
 # ---------------------------------------------------------------- eval / certify
@@ -248,7 +271,7 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None
     from zoo import cards, data
     from zoo.errors import ZooError
 
-    checkpoint, card = cards.find_run(args.run)
+    checkpoint, card = cards.find_run(args.run)  # checked card, verified checkpoint
     if card is not None and _kind(card["model"]) == "critic":
         raise ZooError(
             f"{args.run} is a Wasserstein critic: its numbers come from "
@@ -258,9 +281,9 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None
     if card is not None:
         expected = cards.Architecture(
             model=card["model"],
-            options=card.get("options", {}),
-            input_shape=card["data"].get("input_shape", []),
-            num_outputs=card["data"].get("num_classes", 1),
+            options=card["options"],
+            input_shape=card["data"]["input_shape"],
+            num_outputs=card["data"]["num_classes"],
         )
     model, arch = cards.load_model(checkpoint, expected, device=args.device_)
     if _kind(arch["model"]) == "critic":
@@ -304,17 +327,14 @@ def _close(card_value: float | None, value: float | None, rel: float) -> bool:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from zoo import cards, train
+    from zoo import train
     from zoo.errors import ZooError
 
-    model, card, split = _load_for_eval(args)
+    model, card, split = _load_for_eval(args)  # the card is checked, the checkpoint verified
     if card is None:
         raise ZooError(f"{args.run} has no card to reproduce: use `python -m zoo certify`")
-    missing = [key for key in cards.CLASSIFIER_KEYS if key not in card]
-    if missing:
-        raise ZooError(f"the card of {args.run} has no {missing[0]!r}: nothing to reproduce")
     eps = [float(k) for k in card["certified_accuracy"]]
-    lower = card.get("lower_bound_search") if card.get("lower_bound") is not None else None
+    lower = card.get("lower_bound_search") if card["lower_bound"] is not None else None
     ev = train.evaluate(
         model, split.test, eps, device=args.device_, lower=lower, progress=not args.no_progress
     )
@@ -334,14 +354,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows.append(("lower_bound", card["lower_bound"], ev.lower_bound, TOLERANCE["lower_bound"]))
     print(f"{card['model']} on {card['data']['name']} ({split.info.test_size} test samples)")
     print(f"  {'number':28s} {'card':>12s} {'now':>12s}  tolerance")
-    ok_all = True
+    different = []
     for name, was, now, rel in rows:
         ok = _close(was, now, rel)
-        ok_all &= ok
+        if not ok:
+            different.append(name)
         tol = "exact" if rel == 0 else f"rel {rel:g}"
         print(f"  {name:28s} {was:12.7f} {now:12.7f}  {tol:10s} {'ok' if ok else 'DIFFERENT'}")
-    print("reproduced: yes" if ok_all else "reproduced: NO")
-    return 0 if ok_all else 1
+    changes = _changes(card, split.info)
+    if not different:
+        print("reproduced: yes" + (f" ({'; '.join(changes)})" if changes else ""))
+        return 0
+    numbers = ", ".join(different)
+    why = (
+        "; ".join(changes) + ": a change there can move these numbers"
+        if changes
+        else "the same lipnets and torch versions and test set size as the card's: the card's "
+        "numbers were edited, or the data or this platform differ"
+    )
+    print(
+        f"reproduced: NO: {len(different)} number(s) differ beyond their tolerance ({numbers}); "
+        f"the checkpoint is the card's (sha256 verified); {why}"
+    )
+    return 1
+
+
+def _changes(card: dict[str, Any], info: Any) -> list[str]:
+    """What differs between the card's making and this evaluation: versions, test set size."""
+    changes = []
+    if card["lipnets_version"] != lipnets.__version__:
+        changes.append(
+            f"the card was written by lipnets {card['lipnets_version']}, this is "
+            f"lipnets {lipnets.__version__}"
+        )
+    written_with = card.get("torch_version")
+    if written_with is not None and written_with != torch.__version__:
+        changes.append(
+            f"the card was written with torch {written_with}, this is torch {torch.__version__}"
+        )
+    size = card["data"].get("test_size")
+    if isinstance(size, int) and size != info.test_size:
+        changes.append(f"the card's test set had {size} samples, this one has {info.test_size}")
+    return changes
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
@@ -389,6 +443,7 @@ def cmd_wasserstein(args: argparse.Namespace, argv: list[str]) -> int:
 
     options = models.parse_options(args.option)
     models.get("critic").options(options)
+    models.build("critic", input_shape=(2,), num_outputs=1, **options)  # the options' ranges
     for name in (args.p, args.q):
         if name not in data.DISTRIBUTIONS:
             data.sample(name, 1)  # raises the error listing the valid names
@@ -408,11 +463,10 @@ def cmd_wasserstein(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"  sound Lipschitz bound    {result.lipschitz_bound:.7f}")
     print(f"  trained in               {result.seconds:.1f} s ({config.steps} full-batch steps)")
     name = args.name or f"critic-{args.p}-{args.q}-{datetime.now():%Y%m%d-%H%M%S}"
-    folder = Path(args.out) / name
-    wasserstein.write_run(
-        folder, critic, x_p, x_q, config, result, options=options, command=_command(argv, 1)
+    folder = wasserstein.write_run(
+        args.out, name, critic, x_p, x_q, config, result, options=options, command=_command(argv, 1)
     )
-    print(f"  run folder               {folder}")
+    print(f"  run folder               {folder}{_kept(args.out, name, folder)}")
     return 0
 
 
@@ -430,8 +484,25 @@ def _add_data_args(p: argparse.ArgumentParser, *, with_name: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_run_args(p: argparse.ArgumentParser, *, default_name: str) -> None:
+    p.add_argument(
+        "--out",
+        type=arguments.writable_folder,
+        default="runs",  # a string: argparse checks it with the type too
+        help="parent folder of the run, a writable folder or one that can be created "
+        "(default: runs)",
+    )
+    p.add_argument(
+        "--name",
+        type=arguments.run_name,
+        help=f"run folder name, a plain name (default: {default_name}); if taken, "
+        "NAME-2, NAME-3, ... (an earlier run is never overwritten)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The parser of ``python -m zoo``; every value's ``type=`` is a check of `zoo.arguments`."""
+    parser = arguments.Parser(
         prog="python -m zoo",
         description="Train, evaluate and certify 1-Lipschitz models; Wasserstein critics.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -440,31 +511,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="build a small network and print its sound bound")
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=arguments.even_width, default=128, help="an even width >= 2")
+    p.add_argument("--seed", type=arguments.seed, default=0)
 
     sub.add_parser("list", help="models, datasets, distributions, shipped checkpoints")
 
+    count, positive, nonnegative = arguments.count, arguments.positive, arguments.nonnegative
     p = sub.add_parser("train", help="train a model and write a run folder with its card")
     p.add_argument("model", help="a model name (python -m zoo list)")
     _add_data_args(p, with_name=True)
-    p.add_argument("--epochs", type=int, help="default: the model's (python -m zoo list)")
-    p.add_argument("--batch-size", type=int, help="global batch size (split over processes)")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=count, help="default: the model's (python -m zoo list)")
+    p.add_argument("--batch-size", type=count, help="global batch size (split over processes)")
+    p.add_argument("--lr", type=positive, help="peak learning rate of Adam, > 0")
     p.add_argument("--schedule", choices=("cosine", "constant"))
     p.add_argument("--loss", choices=("hinge", "hkr", "ce"))
-    p.add_argument("--margin", type=float, help="hinge/HKR margin, or cross-entropy offset")
-    p.add_argument("--alpha", type=float, help="HKR hinge weight")
-    p.add_argument("--temperature", type=float, help="cross-entropy temperature")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--margin", type=positive, help="hinge/HKR margin, or cross-entropy offset, > 0")
+    p.add_argument("--alpha", type=nonnegative, help="HKR hinge weight, >= 0")
+    p.add_argument("--temperature", type=positive, help="cross-entropy temperature, > 0")
+    p.add_argument("--weight-decay", type=nonnegative, help="Adam's weight decay, >= 0")
+    p.add_argument("--seed", type=arguments.seed)
+    p.add_argument("--max-steps", type=count, help="stop after this many optimiser steps")
     p.add_argument(
         "-o", "--option", action="append", metavar="KEY=VALUE", help="a model option (repeatable)"
     )
-    p.add_argument("--eps", type=float, nargs="+", help="l2 radii to certify in the card")
-    p.add_argument("--out", default="runs", help="parent folder of the run (default: runs)")
-    p.add_argument("--name", help="run folder name (default: MODEL-DATA-TIMESTAMP)")
+    p.add_argument(
+        "--eps", type=arguments.radius, nargs="+", help="l2 radii (>= 0) to certify in the card"
+    )
+    _add_run_args(p, default_name="MODEL-DATA-TIMESTAMP")
 
     p = sub.add_parser("eval", help="recompute a card's numbers from its checkpoint")
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, card, checkpoint or name")
@@ -474,15 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, card, checkpoint or name")
     _add_data_args(p, with_name=False)
     p.add_argument("--data", help="dataset (default: the card's)")
-    p.add_argument("--eps", type=float, nargs="+", help="l2 radii (default: the dataset's)")
+    p.add_argument(
+        "--eps", type=arguments.radius, nargs="+", help="l2 radii >= 0 (default: the dataset's)"
+    )
     p.add_argument(
         "--attack",
-        type=int,
+        type=count,
         nargs="?",
         const=200,
         default=0,
         metavar="N",
-        help="run PGD-l2 on the first N test samples (default 200) against the certificates",
+        help="run PGD-l2 on the first N >= 1 test samples (default 200) against the certificates",
     )
 
     p = sub.add_parser(
@@ -495,29 +570,39 @@ def build_parser() -> argparse.ArgumentParser:
     critic = CriticConfig()
     p.add_argument("--p", default=critic.p, help="distribution P, scored high")
     p.add_argument("--q", default=critic.q, help="distribution Q, scored low")
-    p.add_argument("--samples", type=int, default=critic.samples, help="samples of each")
-    p.add_argument("--steps", type=int, default=critic.steps, help="full-batch Adam steps")
-    p.add_argument("--lr", type=float, default=critic.lr, help="peak learning rate (cosine)")
-    p.add_argument("--seed", type=int, default=critic.seed, help="seed of samples and critic")
-    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="critic option")
+    p.add_argument("--samples", type=count, default=critic.samples, help="samples of each")
+    p.add_argument("--steps", type=count, default=critic.steps, help="full-batch Adam steps")
     p.add_argument(
-        "--out", default="runs", help="parent of the run folder: checkpoint, card, contour plot"
+        "--lr", type=positive, default=critic.lr, help="peak learning rate (cosine), > 0"
     )
-    p.add_argument("--name", help="run folder name")
+    p.add_argument(
+        "--seed", type=arguments.seed, default=critic.seed, help="seed of samples and critic"
+    )
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="critic option")
+    _add_run_args(p, default_name="critic-P-Q-TIMESTAMP")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m zoo`` on ``argv``; every refusal is one line on stderr, status 2.
+
+    A bad value (`zoo.arguments`) or a `ZooError` prints
+    ``python -m zoo COMMAND: error: ...`` without a traceback and returns 2;
+    an interruption (Ctrl-C) returns 130 and leaves no half-written run.
+    """
     from zoo.errors import ZooError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except arguments.CommandLineError as error:
+        print(f"{error.prog}: error: {error.message}", file=sys.stderr)
+        return 2
+    prog = f"python -m zoo {args.command}"
     try:
         if args.command == "demo":
-            if args.width < 2 or args.width % 2:
-                parser.error(f"--width must be an even number >= 2, got {args.width}")
             demo(args.width, args.seed)
             return 0
         if args.command == "list":
@@ -532,9 +617,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "wasserstein":
             return cmd_wasserstein(args, argv)
     except ZooError as error:
-        print(f"python -m zoo {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command!r}")  # argparse has refused it already
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (no run folder was left half written)", file=sys.stderr)
+        return 130
+    print(f"python -m zoo: error: unknown command {args.command!r}", file=sys.stderr)
     return 2
 
 

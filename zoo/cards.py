@@ -6,14 +6,24 @@ nothing stale is stored) and ``card.json``. The checkpoint's own metadata
 names the architecture (``zoo.model``, ``zoo.options``, ``zoo.input_shape``,
 ``zoo.num_outputs``), so a checkpoint is rebuilt without its card, and loading
 it as another architecture is refused with a message that says what it holds.
+
+A card is checked when it is read (`read_card`): its fields and their types
+(`CARD_FIELDS`, and `CLASSIFIER_FIELDS` or `CRITIC_FIELDS`), one `ZooError`
+naming the first bad field otherwise. Its ``checkpoint`` must be a relative
+path inside the card's folder (`checkpoint_of`), and the file's SHA-256 must
+be the card's ``checkpoint_sha256`` before anything is loaded
+(`verify_checkpoint`): a checkpoint changed or swapped after its card was
+written is refused, with both digests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from pathlib import Path
+import math
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -29,6 +39,8 @@ __all__ = [
     "WEIGHTS",
     "Architecture",
     "architecture",
+    "check_card",
+    "checkpoint_of",
     "find_run",
     "load_model",
     "pretrained",
@@ -36,6 +48,7 @@ __all__ = [
     "read_card",
     "save_checkpoint",
     "sha256",
+    "verify_checkpoint",
     "write_card",
 ]
 
@@ -101,12 +114,21 @@ def read_architecture(path: str | Path) -> Architecture:
             f"{str(path)!r} was not written by the zoo: its metadata has no 'zoo.model', so the "
             "architecture is unknown (save with zoo.cards.save_checkpoint)"
         )
-    return Architecture(
-        model=meta["zoo.model"],
-        options=json.loads(meta.get("zoo.options", "{}")),
-        input_shape=json.loads(meta["zoo.input_shape"]),
-        num_outputs=int(meta["zoo.num_outputs"]),
-    )
+    try:
+        arch = Architecture(
+            model=meta["zoo.model"],
+            options=json.loads(meta.get("zoo.options", "{}")),
+            input_shape=json.loads(meta["zoo.input_shape"]),
+            num_outputs=int(meta["zoo.num_outputs"]),
+        )
+    except (KeyError, ValueError) as error:
+        raise ZooError(f"{str(path)!r} has malformed zoo metadata ({error!r})") from None
+    if not isinstance(arch["options"], dict) or not _shape(arch["input_shape"]):
+        raise ZooError(
+            f"{str(path)!r} has malformed zoo metadata: zoo.options must be a JSON object and "
+            "zoo.input_shape a list of integers >= 1"
+        )
+    return arch
 
 
 def load_model(
@@ -146,7 +168,10 @@ def load_model(
         num_outputs=found["num_outputs"],
         **found["options"],
     )
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types
+        raise ZooError(f"cannot read the tensors of {str(path)!r} ({error})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -170,30 +195,229 @@ def write_card(folder: str | Path, card: Mapping[str, Any]) -> Path:
     return path
 
 
-#: What every card has; a classifier's card has `CLASSIFIER_KEYS` too.
-CARD_KEYS = ("model", "data", "lipschitz_bound", "lipnets_version", "command")
-CLASSIFIER_KEYS = ("clean_accuracy", "certified_accuracy", "lower_bound")
+# ---------------------------------------------------------------- the card's schema
 
 
-def read_card(path: str | Path, required: tuple[str, ...] = CARD_KEYS) -> dict[str, Any]:
-    """The card at ``path``; a `ZooError` if it is unreadable or lacks a ``required`` key."""
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(minimum: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _share(value: Any) -> bool:
+    return _number(value) and 0.0 <= value <= 1.0
+
+
+def _shape(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(map(_integer(1), value))
+
+
+def _radius_key(key: str) -> bool:
     try:
-        card = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ZooError(f"cannot read the model card {str(path)!r}: {error}") from None
+        radius = float(key)
+    except ValueError:
+        return False
+    return math.isfinite(radius) and radius >= 0
+
+
+def _radii(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and len(value) > 0
+        and all(_radius_key(k) and _share(v) for k, v in value.items())
+    )
+
+
+def _search(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and all(_integer(1)(value.get(k)) for k in ("points", "steps", "restarts"))
+        and _integer(0)(value.get("seed"))
+    )
+
+
+def _nullable(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _sha(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+#: ``(field, check, what it must be, required)``; a dotted field is inside an object.
+Field = tuple[str, Callable[[Any], bool], str, bool]
+
+#: What every card has.
+CARD_FIELDS: tuple[Field, ...] = (
+    ("model", _text, "a model name (a non-empty string)", True),
+    ("options", lambda v: isinstance(v, dict), "an object of model options", True),
+    ("data", lambda v: isinstance(v, dict), "an object describing the data", True),
+    ("lipschitz_bound", lambda v: _number(v) and v > 0, "a finite number > 0", True),
+    ("lipnets_version", _text, "a version string", True),
+    ("command", _text, "the command that wrote the run (a string)", True),
+    ("checkpoint", _text, "a path relative to the card's folder (a string)", True),
+    ("checkpoint_sha256", _sha, "a SHA-256 digest (64 lowercase hex digits)", True),
+    ("training", lambda v: isinstance(v, dict), "an object of training options", False),
+    ("torch_version", _text, "a version string", False),
+)
+#: What a classifier's card has too: what ``python -m zoo eval`` recomputes.
+CLASSIFIER_FIELDS: tuple[Field, ...] = (
+    ("data.name", _text, "a dataset name (a string)", True),
+    ("data.input_shape", _shape, "a non-empty list of integers >= 1", True),
+    ("data.num_classes", _integer(1), "an integer >= 1", True),
+    ("data.seed", _nullable(_integer(0)), "an integer >= 0 or null", False),
+    (
+        "data.test_fraction",
+        _nullable(lambda v: _number(v) and 0 < v < 1),
+        "a number in (0, 1) or null",
+        False,
+    ),
+    ("clean_accuracy", _share, "a number in [0, 1]", True),
+    (
+        "certified_accuracy",
+        _radii,
+        "a non-empty object from radii (strings of numbers >= 0) to numbers in [0, 1]",
+        True,
+    ),
+    ("lower_bound", _nullable(lambda v: _number(v) and v >= 0), "a number >= 0 or null", True),
+    (
+        "lower_bound_search",
+        _nullable(_search),
+        "null or an object of integers points, steps, restarts (>= 1) and seed (>= 0)",
+        False,
+    ),
+)
+#: What a Wasserstein critic's card has too.
+CRITIC_FIELDS: tuple[Field, ...] = (
+    ("data.p", _text, "a distribution name (a string)", True),
+    ("data.q", _text, "a distribution name (a string)", True),
+    ("data.samples", _integer(1), "an integer >= 1", True),
+    ("data.seed", _integer(0), "an integer >= 0", True),
+    ("wasserstein_estimate", _number, "a finite number", True),
+    ("exact_w1", lambda v: _number(v) and v >= 0, "a finite number >= 0", True),
+)
+
+_MISSING = object()
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _get(card: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = card
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def check_card(card: Any, path: str | Path) -> dict[str, Any]:
+    """``card`` if it is a well-formed zoo model card, else one `ZooError` naming the field.
+
+    The fields and their types are `CARD_FIELDS`, plus `CLASSIFIER_FIELDS` or
+    `CRITIC_FIELDS` by the kind of the card's model.
+    """
+    where = f"{str(path)!r} is not a valid zoo model card"
     if not isinstance(card, dict):
-        raise ZooError(f"{str(path)!r} is not a zoo model card: it holds no JSON object")
-    for key in required:
-        if key not in card:
-            raise ZooError(f"{str(path)!r} is not a zoo model card: it has no {key!r}")
+        raise ZooError(f"{where}: it holds a JSON {type(card).__name__}, not an object")
+
+    def check(fields: tuple[Field, ...]) -> None:
+        for name, ok, what, required in fields:
+            value = _get(card, name)
+            if value is _MISSING:
+                if required:
+                    raise ZooError(f"{where}: field {name!r} is missing (it must be {what})")
+                continue
+            if not ok(value):
+                raise ZooError(f"{where}: field {name!r} must be {what}, got {_show(value)}")
+
+    check(CARD_FIELDS)
+    if card["model"] not in models.MODELS:
+        valid = ", ".join(models.MODELS)
+        raise ZooError(
+            f"{where}: field 'model' must be a zoo model ({valid}), got {_show(card['model'])}"
+        )
+    if models.get(card["model"]).kind == "critic":
+        check(CRITIC_FIELDS)
+    else:
+        check(CLASSIFIER_FIELDS)
+        if card["lower_bound"] is not None and card.get("lower_bound_search") is None:
+            got = "it is missing" if "lower_bound_search" not in card else "got null"
+            raise ZooError(
+                f"{where}: field 'lower_bound_search' must say how the lower_bound was searched "
+                f"(an object of points, steps, restarts, seed), {got}"
+            )
     return card
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The card at ``path``, checked (`check_card`); a `ZooError` if unreadable or malformed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, ValueError) as error:
+        raise ZooError(f"cannot read the model card {str(path)!r}: {error}") from None
+    try:
+        card = json.loads(text)
+    except ValueError as error:
+        raise ZooError(f"{str(path)!r} is not a valid zoo model card: not JSON ({error})") from None
+    return check_card(card, path)
+
+
+def checkpoint_of(card: Mapping[str, Any], card_path: str | Path) -> Path:
+    """The checkpoint a (checked) card names: a file inside the card's folder, or a `ZooError`.
+
+    The card's ``checkpoint`` must be relative, without ``..``, and must not
+    lead out of the folder through a symbolic link either.
+    """
+    value = card["checkpoint"]
+    folder = Path(card_path).parent
+    where = f"field 'checkpoint' of {str(card_path)!r}"
+    posix, windows = PurePosixPath(value), PureWindowsPath(value)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or value.startswith("~"):
+        raise ZooError(f"{where} must be a path relative to the card's folder, got {value!r}")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise ZooError(f"{where} must stay inside the card's folder (no '..'), got {value!r}")
+    path = folder / value
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        raise ZooError(
+            f"{where} leads outside the card's folder (through a symbolic link): {value!r} is "
+            f"{str(path.resolve())!r}"
+        ) from None
+    if not path.is_file():
+        raise ZooError(f"no checkpoint at {str(path)!r} ({where} is {value!r})")
+    return path
+
+
+def verify_checkpoint(path: str | Path, card: Mapping[str, Any], card_path: str | Path) -> None:
+    """Refuse a checkpoint whose SHA-256 is not the card's ``checkpoint_sha256``."""
+    actual, expected = sha256(path), card["checkpoint_sha256"]
+    if actual != expected:
+        raise ZooError(
+            f"checkpoint {str(path)!r} does not match its card {str(card_path)!r}: its sha256 "
+            f"is {actual}, the card's checkpoint_sha256 is {expected}; the file was changed or "
+            "swapped after the card was written, so it is not loaded"
+        )
 
 
 def pretrained() -> list[str]:
     """Names of the shipped checkpoints (folders under ``zoo/pretrained``)."""
     if not PRETRAINED.is_dir():
         return []
-    return sorted(p.name for p in PRETRAINED.iterdir() if (p / CARD).is_file())
+    return sorted(
+        p.name for p in PRETRAINED.iterdir() if not p.name.startswith(".") and (p / CARD).is_file()
+    )
 
 
 def find_run(target: str | Path) -> tuple[Path, dict[str, Any] | None]:
@@ -201,28 +425,37 @@ def find_run(target: str | Path) -> tuple[Path, dict[str, Any] | None]:
 
     ``target`` may be a run folder (``card.json`` + ``model.safetensors``), a
     ``card.json``, a ``.safetensors`` file (its card is read when it lies next
-    to it) or the name of a shipped checkpoint (``python -m zoo list``).
+    to it and names it) or the name of a shipped checkpoint (``python -m zoo
+    list``). A card is checked (`read_card`), its checkpoint must lie in its
+    folder (`checkpoint_of`) and match its digest (`verify_checkpoint`)
+    before anything is loaded.
     """
     path = Path(target)
     if not path.exists() and str(target) in pretrained():
         path = PRETRAINED / str(target)
+    card_path = None
     if path.is_dir():
         card_path = path / CARD
         if not card_path.is_file():
             raise ZooError(f"{str(path)!r} is not a run folder: it has no {CARD}")
-        card = read_card(card_path)
-        return path / card.get("checkpoint", WEIGHTS), card
-    if path.is_file() and path.suffix == ".json":
-        card = read_card(path)
-        return path.parent / card.get("checkpoint", WEIGHTS), card
-    if path.is_file():
-        card_path = path.parent / CARD
-        card = read_card(card_path) if card_path.is_file() else None
-        if card is not None and card.get("checkpoint", WEIGHTS) != path.name:
-            card = None
-        return path, card
-    shipped = ", ".join(pretrained()) or "none"
-    raise ZooError(
-        f"{str(target)!r} is neither a run folder, a card, a checkpoint nor a shipped model "
-        f"(shipped: {shipped})"
-    )
+    elif path.is_file() and path.suffix == ".json":
+        card_path = path
+    elif path.is_file():
+        beside = path.parent / CARD
+        if beside.is_file():
+            card = read_card(beside)
+            named = path.parent / card["checkpoint"]
+            if named.exists() and named.resolve() == path.resolve():
+                verify_checkpoint(checkpoint_of(card, beside), card, beside)
+                return path, card
+        return path, None
+    else:
+        shipped = ", ".join(pretrained()) or "none"
+        raise ZooError(
+            f"{str(target)!r} is neither a run folder, a card, a checkpoint nor a shipped model "
+            f"(shipped: {shipped})"
+        )
+    card = read_card(card_path)
+    checkpoint = checkpoint_of(card, card_path)
+    verify_checkpoint(checkpoint, card, card_path)
+    return checkpoint, card

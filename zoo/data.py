@@ -108,10 +108,19 @@ class ImageTensors(Dataset):
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A registered dataset: its loader, and what is known of it before loading.
+
+    ``input_shape`` and ``num_classes`` let ``python -m zoo train`` check a
+    model's options before any data are loaded; `load` checks that the loaded
+    data agree.
+    """
+
     name: str
     summary: str
     default_eps: tuple[float, ...]
     loader: Callable[..., Split]
+    input_shape: tuple[int, ...]
+    num_classes: int
 
 
 def _digits(
@@ -212,24 +221,32 @@ DATASETS: dict[str, DatasetSpec] = {
             "scikit-learn's bundled 8x8 digits (no download); 25% stratified held-out test split",
             (0.1, 0.25, 0.5, 0.75, 1.0),
             _digits,
+            (1, 8, 8),
+            10,
         ),
         DatasetSpec(
             "mnist",
             "MNIST 28x28 through torchvision (--data-root, --download)",
             (0.5, 1.0, 1.5),
             _torchvision("mnist"),
+            (1, 28, 28),
+            10,
         ),
         DatasetSpec(
             "fashion-mnist",
             "Fashion-MNIST 28x28 through torchvision (--data-root, --download)",
             (0.25, 0.5, 1.0),
             _torchvision("fashion-mnist"),
+            (1, 28, 28),
+            10,
         ),
         DatasetSpec(
             "cifar10",
             "CIFAR-10 32x32x3 through torchvision (--data-root, --download)",
             (36 / 255, 72 / 255, 108 / 255),
             _torchvision("cifar10"),
+            (3, 32, 32),
+            10,
         ),
     )
 }
@@ -264,7 +281,15 @@ def load(
             (the message says where the files are expected and how to get them).
     """
     spec = get(name)
-    return spec.loader(Path(root), download, seed=seed, test_fraction=test_fraction)
+    split = spec.loader(Path(root), download, seed=seed, test_fraction=test_fraction)
+    info = split.info
+    if tuple(info.input_shape) != spec.input_shape or info.num_classes != spec.num_classes:
+        raise ZooError(
+            f"{name} under {str(root)!r} holds {info.num_classes} classes of shape "
+            f"{tuple(info.input_shape)}, not the {spec.num_classes} classes of shape "
+            f"{spec.input_shape} of {name}: are these the right files?"
+        )
+    return split
 
 
 # ---------------------------------------------------------------- 2-D distributions

@@ -384,7 +384,8 @@ def config_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def write_run(
-    folder: str | Path,
+    out: str | Path,
+    name: str,
     model: nn.Module,
     arch: Mapping[str, Any],
     info: DataInfo,
@@ -396,38 +397,51 @@ def write_run(
 ) -> Path:
     """Write a classifier's run folder: ``model.safetensors``, ``card.json``, ``certified.png``.
 
+    The folder is ``out/name``, or ``out/name-2``, ... when that name is
+    taken: it is written whole into a hidden temporary folder and renamed
+    into place (`zoo.runs.write_run_folder`), never over an earlier run.
     The card holds the architecture (``model``, ``options``), the data
     (`DataInfo`, enough to rebuild the same test set), the numbers of
-    ``evaluation``, how the lower bound was searched, the lipnets version, the
-    command and the training options; ``python -m zoo eval`` recomputes its
-    numbers from the checkpoint.
-    """
-    from zoo import cards, plots
+    ``evaluation``, how the lower bound was searched, the lipnets and torch
+    versions, the command, the training options and the checkpoint's
+    SHA-256; ``python -m zoo eval`` recomputes its numbers from the checkpoint.
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = cards.save_checkpoint(folder / cards.WEIGHTS, model, cards.Architecture(arch))
-    card = {
-        "model": arch["model"],
-        "options": dict(arch["options"]),
-        "data": info.as_dict(),
-        **evaluation.card_fields(),
-        "lower_bound_search": None if lower_bound_search is None else dict(lower_bound_search),
-        "lipnets_version": lipnets.__version__,
-        "command": command,
-        "training": dict(training),
-        "checkpoint": cards.WEIGHTS,
-        "checkpoint_sha256": cards.sha256(weights),
-    }
-    cards.write_card(folder, card)
-    plots.certified_curve(
-        folder / "certified.png",
-        evaluation.radii,
-        evaluation.certified_accuracy,
-        title=f"{arch['model']} on {info.name}: certified accuracy",
-        bound=evaluation.lipschitz_bound,
+    Returns:
+        The run folder written.
+    """
+    from zoo import cards, plots, runs
+
+    def checkpoint(path: Path) -> None:
+        cards.save_checkpoint(path, model, cards.Architecture(arch))
+
+    def card(path: Path) -> None:
+        fields = {
+            "model": arch["model"],
+            "options": dict(arch["options"]),
+            "data": info.as_dict(),
+            **evaluation.card_fields(),
+            "lower_bound_search": None if lower_bound_search is None else dict(lower_bound_search),
+            "lipnets_version": lipnets.__version__,
+            "torch_version": torch.__version__,
+            "command": command,
+            "training": dict(training),
+            "checkpoint": cards.WEIGHTS,
+            "checkpoint_sha256": cards.sha256(path.parent / cards.WEIGHTS),
+        }
+        cards.write_card(path.parent, fields)
+
+    def plot(path: Path) -> None:
+        plots.certified_curve(
+            path,
+            evaluation.radii,
+            evaluation.certified_accuracy,
+            title=f"{arch['model']} on {info.name}: certified accuracy",
+            bound=evaluation.lipschitz_bound,
+        )
+
+    return runs.write_run_folder(
+        out, name, [(cards.WEIGHTS, checkpoint), (cards.CARD, card), ("certified.png", plot)]
     )
-    return folder
 
 
 def check_finite(history: History) -> None:

@@ -143,7 +143,8 @@ def train_critic(
 
 
 def write_run(
-    folder: Path,
+    out: str | Path,
+    name: str,
     critic: nn.Module,
     x_p: Tensor,
     x_q: Tensor,
@@ -152,34 +153,49 @@ def write_run(
     *,
     options: dict[str, Any],
     command: str,
-) -> None:
-    """Checkpoint, card (``card.json``) and contour plot (``contour.png``) of a critic run."""
-    from zoo import plots
+) -> Path:
+    """Checkpoint, card (``card.json``) and contour plot (``contour.png``) of a critic run.
 
-    folder.mkdir(parents=True, exist_ok=True)
+    Written whole into ``out/name`` (or ``out/name-2``, ... when taken) by
+    `zoo.runs.write_run_folder`, never over an earlier run; returns the folder.
+    """
+    from zoo import plots, runs
+
     arch = cards.architecture("critic", options, (2,), 1)
-    cards.save_checkpoint(folder / cards.WEIGHTS, critic, arch)
-    card = {
-        "model": "critic",
-        "options": arch["options"],
-        "data": {"p": config.p, "q": config.q, "samples": config.samples, "seed": config.seed},
-        "training": asdict(config),
-        "wasserstein_estimate": result.estimate,
-        "exact_w1": result.exact,
-        "relative_gap": result.relative_gap,
-        "median_gradient_norm": result.median_gradient_norm,
-        "lipschitz_bound": result.lipschitz_bound,
-        "train_seconds": result.seconds,
-        "lipnets_version": lipnets.__version__,
-        "command": command,
-        "checkpoint": cards.WEIGHTS,
-    }
-    cards.write_card(folder, card)
-    plots.critic_contour(
-        folder / "contour.png",
-        critic,
-        x_p,
-        x_q,
-        title=f"critic: W1 estimate {result.estimate:.4f}, exact {result.exact:.4f}",
-        labels=(f"P = {config.p}", f"Q = {config.q}"),
+
+    def checkpoint(path: Path) -> None:
+        cards.save_checkpoint(path, critic, arch)
+
+    def card(path: Path) -> None:
+        fields = {
+            "model": "critic",
+            "options": arch["options"],
+            "data": {"p": config.p, "q": config.q, "samples": config.samples, "seed": config.seed},
+            "training": asdict(config),
+            "wasserstein_estimate": result.estimate,
+            "exact_w1": result.exact,
+            "relative_gap": result.relative_gap,
+            "median_gradient_norm": result.median_gradient_norm,
+            "lipschitz_bound": result.lipschitz_bound,
+            "train_seconds": result.seconds,
+            "lipnets_version": lipnets.__version__,
+            "torch_version": torch.__version__,
+            "command": command,
+            "checkpoint": cards.WEIGHTS,
+            "checkpoint_sha256": cards.sha256(path.parent / cards.WEIGHTS),
+        }
+        cards.write_card(path.parent, fields)
+
+    def plot(path: Path) -> None:
+        plots.critic_contour(
+            path,
+            critic,
+            x_p,
+            x_q,
+            title=f"critic: W1 estimate {result.estimate:.4f}, exact {result.exact:.4f}",
+            labels=(f"P = {config.p}", f"Q = {config.q}"),
+        )
+
+    return runs.write_run_folder(
+        out, name, [(cards.WEIGHTS, checkpoint), (cards.CARD, card), ("contour.png", plot)]
     )
