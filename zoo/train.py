@@ -237,15 +237,15 @@ def fit(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
     history = History()
     start = time.perf_counter()
-    epochs = _progress(
-        range(config.epochs),
-        progress and distributed.main,
-        desc="train",
-        unit="epoch",
+    # The bar counts the epochs that will run, and each is counted when it ends, so a
+    # finished run shows N/N (iterating a bar over range() left it at N-1/N on the break).
+    planned = min(config.epochs, math.ceil(total / max(len(loader), 1)))
+    bar = _progress(
+        None, progress and distributed.main, total=planned, desc="train", unit="epoch",
         dynamic_ncols=True,
-    )
+    )  # fmt: skip
     net.train()
-    for epoch in epochs:
+    for epoch in range(config.epochs):
         sampler.set_epoch(epoch)
         running, seen = torch.zeros((), device=device, dtype=torch.float64), 0
         for x, y in loader:
@@ -263,12 +263,14 @@ def fit(
             seen += x.shape[0]
         if seen:
             history.losses.append(float(running) / seen)
-            if hasattr(epochs, "set_postfix"):
-                epochs.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
+            if bar is not None:
+                bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
+        if bar is not None:
+            bar.update(1)
         if history.steps >= total:
             break
-    if hasattr(epochs, "close"):
-        epochs.close()
+    if bar is not None:
+        bar.close()
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
