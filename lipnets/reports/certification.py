@@ -10,12 +10,10 @@ it).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,15 +46,16 @@ class CertificationRow:
     """The radius, in the report's norm."""
     lipschitz_certified: float
     """Fraction certified by the sound Lipschitz bound (certified radius ``> eps``): sound."""
-    crown_certified: float
-    """Fraction certified by [`certify_crown`][lipnets.certify.crown.certify_crown]: sound."""
+    crown_certified: float | None
+    """Fraction certified by [`certify_crown`][lipnets.certify.crown.certify_crown]: sound;
+    ``None`` when CROWN did not run (``crown=False``)."""
     attack_robust: float | None
     """Fraction classified correctly that the attack did not break: an empirical *upper*
     bound on the robust accuracy; ``None`` when no attack ran."""
     lipschitz_count: int
     """Number of samples certified by the Lipschitz bound."""
-    crown_count: int
-    """Number of samples certified by CROWN."""
+    crown_count: int | None
+    """Number of samples certified by CROWN (``None`` when it did not run)."""
     attack_count: int | None
     """Number of samples the attack did not break (``None`` when no attack ran)."""
     broken_certified: int | None
@@ -95,20 +94,22 @@ class CertificationReport:
         return render_certification(self)
 
 
-def _certification_report(
+@reuse_traces()  # one trace for the bound and every radius and batch
+def certification_report(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     eps: float | Sequence[float] = (0.1, 0.25, 0.5),
     *,
     norm: float | str = 2,
+    crown: bool = True,
     attack: bool = True,
     attack_steps: int = 50,
     attack_restarts: int = 4,
     generator: torch.Generator | None = None,
     lipschitz: float | Tensor | None = None,
     batch_size: int = 256,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> CertificationReport:
     r"""Certified fractions (Lipschitz, CROWN) next to the fraction an attack cannot break.
 
@@ -151,6 +152,8 @@ def _certification_report(
         eps: one radius or a sequence of radii, each finite and ``>= 0``, in
             the norm ``norm``.
         norm: ``2`` or ``float("inf")`` (also ``"l2"``, ``"inf"``, ``"linf"``).
+        crown: run `certify_crown` (the costly column: a CROWN pass per radius and
+            batch); ``False`` leaves it out (``crown_certified`` is ``None``).
         attack: run ``pgd_l2`` (l2 only, see above).
         attack_steps: steps per restart of the attack.
         attack_restarts: restarts of the attack.
@@ -158,7 +161,8 @@ def _certification_report(
         lipschitz: a sound l2 Lipschitz bound of the model to use instead of
             computing one (a number or a 0-dim tensor).
         batch_size: samples per batch of forward passes, bounds and attacks.
-        progress: show a `tqdm` progress bar over batches.
+        progress: show a `tqdm` progress bar over batches; ``None`` (the default):
+            when stderr is a terminal.
 
     Returns:
         A frozen [`CertificationReport`][lipnets.reports.certification.CertificationReport];
@@ -224,18 +228,22 @@ def _certification_report(
             "no attack column: pgd_l2 searches l2 balls and lipnets has no l-inf attack, so "
             "only the certified (sound) fractions are shown"
         )
+    if not crown:
+        notes.append("no CROWN column: crown=False")
     if x.dtype != torch.float64:
         notes.append(
             f"inputs are {x.dtype}: bounds carry its rounding (Note [Floating-point rounding] "
             "in lipnets.propagation.lirpa); certify in float64"
         )
-    seconds = {"lipschitz": 0.0, "crown": 0.0}
+    seconds = {"lipschitz": 0.0}
+    if crown:
+        seconds["crown"] = 0.0
     if run_attack:
         seconds["attack"] = 0.0
     order = sorted(range(len(radii)), key=lambda k: radii[k])
     k_count = len(radii)
     lip = [0] * k_count
-    crown = [0] * k_count
+    by_crowns = [0] * k_count
     robust = [0] * k_count
     broken = [0] * k_count
     clean = 0
@@ -275,12 +283,15 @@ def _certification_report(
                 seconds["lipschitz"] += time.perf_counter() - start
                 certified = []
                 for k, e in enumerate(radii):
+                    by_lipschitz = radius > e
+                    lip[k] += int(by_lipschitz.sum())
+                    if not crown:
+                        certified.append(by_lipschitz)
+                        continue
                     start = time.perf_counter()
                     by_crown = certify_crown(core, xb, yb, e, norm=q).cpu()
                     seconds["crown"] += time.perf_counter() - start
-                    by_lipschitz = radius > e
-                    lip[k] += int(by_lipschitz.sum())
-                    crown[k] += int(by_crown.sum())
+                    by_crowns[k] += int(by_crown.sum())
                     certified.append(by_crown | by_lipschitz)
                 if run_attack:
                     start = time.perf_counter()
@@ -302,10 +313,10 @@ def _certification_report(
         CertificationRow(
             eps=radii[k],
             lipschitz_certified=lip[k] / n,
-            crown_certified=crown[k] / n,
+            crown_certified=by_crowns[k] / n if crown else None,
             attack_robust=robust[k] / n if run_attack else None,
             lipschitz_count=lip[k],
-            crown_count=crown[k],
+            crown_count=by_crowns[k] if crown else None,
             attack_count=robust[k] if run_attack else None,
             broken_certified=broken[k] if run_attack else None,
         )
@@ -360,9 +371,3 @@ def _survivors(
     out = alive.clone()
     out[index] = still
     return out
-
-
-@functools.wraps(_certification_report)
-def certification_report(*args: Any, **kwargs: Any) -> CertificationReport:
-    with reuse_traces():  # one trace for the bound and every radius and batch
-        return _certification_report(*args, **kwargs)

@@ -108,7 +108,7 @@ def report(
     restarts: int = 4,
     seqlip_max_width: int = 1024,
     generator: torch.Generator | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> GuaranteeReport:
     r"""Sound bound, AutoLip, SeqLip and a lower bound of a model, with per-layer detail.
 
@@ -136,7 +136,8 @@ def report(
         seqlip_max_width: passed to [`seqlip`][lipnets.estimators.seqlip] as
             ``max_width``; wider networks get no SeqLip value.
         generator: random generator for every estimate.
-        progress: show a `tqdm` progress bar over the stages.
+        progress: show a `tqdm` progress bar over the stages; ``None`` (the default):
+            when stderr is a terminal.
 
     Returns:
         A frozen [`GuaranteeReport`][lipnets.reports.guarantee.GuaranteeReport];
@@ -232,7 +233,7 @@ class _Stages:
 
     names = ("bound", "autolip", "seqlip", "layers", "lower_bound")
 
-    def __init__(self, progress: bool) -> None:
+    def __init__(self, progress: bool | None) -> None:
         self.seconds: dict[str, float] = {}
         self.bar = progress_bar(progress, len(self.names), "lipnets.report")
 

@@ -79,21 +79,35 @@ def _percent(fraction: float | None, count: int | None) -> str:
 def render_certification(r: CertificationReport) -> str:
     """The table of a certification report: one row per radius, then notes."""
     ball = "l2" if r.norm == 2.0 else "l-inf"
-    columns = 4 if r.attack is not None else 3  # no attack, no column (see the notes)
-    header = (
-        (f"eps ({ball})", "Lipschitz-certified", "CROWN-certified", "attack-robust")[:columns],
-        ("", "(sound)", "(sound)", "(empirical)")[:columns],
+    # A column per method that ran (no attack or no CROWN, no column: see the notes).
+    shown = [True, True, any(row.crown_count is not None for row in r.rows)]
+    shown.append(r.attack is not None)
+    header = tuple(
+        tuple(c for c, keep in zip(cells, shown, strict=True) if keep)
+        for cells in (
+            (f"eps ({ball})", "Lipschitz-certified", "CROWN-certified", "attack-robust"),
+            ("", "(sound)", "(sound)", "(empirical)"),
+        )
     )
     rows = [
-        (
-            f"{row.eps:g}",
-            _percent(row.lipschitz_certified, row.lipschitz_count),
-            _percent(row.crown_certified, row.crown_count),
-            _percent(row.attack_robust, row.attack_count),
-        )[:columns]
+        tuple(
+            c
+            for c, keep in zip(
+                (
+                    f"{row.eps:g}",
+                    _percent(row.lipschitz_certified, row.lipschitz_count),
+                    _percent(row.crown_certified, row.crown_count),
+                    _percent(row.attack_robust, row.attack_count),
+                ),
+                shown,
+                strict=True,
+            )
+            if keep
+        )
         for row in r.rows
     ]
     table = [*header, *rows]
+    columns = len(header[0])
     widths = [max(len(row[i]) for row in table) for i in range(columns)]
 
     def line(row: tuple[str, ...]) -> str:

@@ -287,6 +287,37 @@ def test_report_matches_certified_accuracy_and_certify_crown():
     assert set(report.seconds) == {"lipschitz", "crown", "attack"}
 
 
+def test_report_without_crown_leaves_its_column_out():
+    """crown=False: the Lipschitz and attack columns are the same numbers, no CROWN column,
+    no CROWN time, and a note says why."""
+    model = _small_gnp()
+    x, y = _small_data(model)
+    kwargs = {"attack_steps": 5, "attack_restarts": 1}
+    full = certification_report(model, x, y, [0.1, 0.3], **kwargs,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+    fast = certification_report(model, x, y, [0.1, 0.3], crown=False, **kwargs,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+    for a, b in zip(full.rows, fast.rows, strict=True):
+        assert (a.lipschitz_count, a.attack_count) == (b.lipschitz_count, b.attack_count)
+        assert b.crown_certified is None and b.crown_count is None
+    assert set(fast.seconds) == {"lipschitz", "attack"}
+    text = str(fast)
+    assert "CROWN-certified" not in text and "no CROWN column: crown=False" in text
+    assert "Lipschitz-certified" in text and "attack-robust" in text
+
+
+def test_long_calls_show_progress_only_on_a_terminal(monkeypatch):
+    """progress=None (the default) shows a bar when stderr is a terminal, never in a pipe."""
+    from lipnets import _progress
+
+    assert _progress.progress_bar(None, 3, "x") is None  # pytest captures stderr
+    monkeypatch.setattr(_progress, "_terminal", lambda: True)
+    bar = _progress.progress_bar(None, 3, "x")
+    assert bar is not None and bar.total == 3
+    bar.close()
+    assert _progress.progress_bar(False, 3, "x") is None
+
+
 def test_report_is_frozen_and_renders_a_labelled_table():
     model = _small_gnp()
     x, y = _small_data(model)
