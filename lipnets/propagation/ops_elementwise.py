@@ -105,6 +105,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lipnets.functional import activation_slopes as AS
+from lipnets.propagation.gelu_pieces import convex_concave_lines
 from lipnets.propagation.ops_base import Elementwise, Relaxation
 from lipnets.propagation.ops_structural import LinearCombination
 
@@ -272,9 +273,27 @@ class GELU(Unimodal):
         self.approximate = approximate
         self.slope = AS.GELU_TANH_SLOPE if approximate == "tanh" else AS.GELU_SLOPE
         self.curvature = 2.0 if approximate == "tanh" else 0.8
+        self.variants = 1 if approximate == "tanh" else 2  # Note [GELU by convexity pieces]
 
     def function(self, x: Tensor) -> Tensor:
         return F.gelu(x, approximate=self.approximate)
+
+    def relaxation(self, lower: Tensor, upper: Tensor, variant: int = 0) -> Relaxation:
+        lines = super().relaxation(lower, upper)
+        if variant != 1 or self.variants != 2:
+            return lines
+        slope_lo, b_lo, slope_up, b_up = lines
+        assert b_lo is not None
+        lo, up = lower, torch.maximum(upper, lower)
+        s_lo, i_lo, ok_lo, s_up, i_up, ok_up = convex_concave_lines(lo, up)
+        ok_lo = ok_lo & torch.isfinite(slope_lo)  # NaN lines (unknown bounds) stay NaN
+        ok_up = ok_up & torch.isfinite(slope_up)
+        return (
+            torch.where(ok_lo, s_lo, slope_lo),
+            torch.where(ok_lo, i_lo, b_lo),
+            torch.where(ok_up, s_up, slope_up),
+            torch.where(ok_up, i_up, b_up),
+        )
 
 
 class SiLU(Unimodal):

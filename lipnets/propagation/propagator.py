@@ -52,6 +52,9 @@ auto_LiRPA's on these ops:
   of $l$ itself (a tangent valid through $(l', f(l'))$ is valid through $(l, f(l))$, as
   Note [Relaxations of smooth activations] shows every $d \ge d_0$ is), and the mirror
   for the lower line.
+* exact GELU: lines chosen by convexity pieces (chords, midpoint tangents, tangents
+  through endpoints on a 0.01 grid), each kept only where an exact condition proves it
+  (Note [GELU by convexity pieces] in `lipnets.propagation.gelu_pieces`).
 
 A network whose ops have one relaxation each (ReLU, the comparators, max pooling) gets
 one pass, as before.

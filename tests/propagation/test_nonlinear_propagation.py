@@ -131,10 +131,35 @@ def test_second_variants_are_the_documented_lines() -> None:
             assert float(through[1]) > 0.05  # the midpoint's tangent: d0' < m = 1.25
 
 
+def test_gelu_second_variant_follows_the_convexity_pieces() -> None:
+    """Note [GELU by convexity pieces]: inside C = [-sqrt2, sqrt2] the chord above and the
+    midpoint's tangent below; inside a concave piece the reverse; across both pieces the
+    chord above and a tangent through the grid point u' >= u below."""
+    op = ELEMENTWISE["gelu"]
+    lo = torch.tensor([-1.0, 2.0, -3.0], dtype=DT)
+    up = torch.tensor([1.0, 4.0, 3.0], dtype=DT)
+    s_lo, b_lo, s_up, b_up = op.relaxation(lo, up, 1)
+    f, root2 = op.function, math.sqrt(2)
+    x = torch.linspace(-4, 4, 801, dtype=DT, requires_grad=True)
+    (df,) = torch.autograd.grad(f(x).sum(), x)
+    slope_at = dict(zip([round(v, 2) for v in x.tolist()], df.tolist(), strict=True))
+    for i in (0, 2):  # the chord above
+        torch.testing.assert_close(s_up[i] * lo[i] + b_up[i], f(lo[i]))
+        torch.testing.assert_close(s_up[i] * up[i] + b_up[i], f(up[i]))
+    torch.testing.assert_close(s_lo[0], torch.tensor(slope_at[0.0], dtype=DT))  # tangent at 0
+    torch.testing.assert_close(b_lo[0], torch.tensor(0.0, dtype=DT), atol=1e-15, rtol=0)
+    torch.testing.assert_close(s_lo[1] * lo[1] + b_lo[1], f(lo[1]))  # the chord below
+    torch.testing.assert_close(s_lo[1] * up[1] + b_lo[1], f(up[1]))
+    torch.testing.assert_close(s_up[1], torch.tensor(slope_at[3.0], dtype=DT))  # tangent at 3
+    grid = root2 + 0.01 * (math.floor((3.0 - root2) / 0.01) + 1)
+    point = torch.tensor(grid, dtype=DT)
+    torch.testing.assert_close(s_lo[2] * point + b_lo[2], f(point), atol=1e-12, rtol=0)
+
+
 def test_crown_meets_every_variant_pass() -> None:
     """crown_bounds intersects one full pass per variant: never looser than either, and
-    strictly tighter than the default pass somewhere on LeakyReLU and tanh MLPs."""
-    for act in (nn.LeakyReLU(0.1), nn.Tanh()):
+    strictly tighter than the default pass somewhere on LeakyReLU, tanh and GELU MLPs."""
+    for act in (nn.LeakyReLU(0.1), nn.Tanh(), nn.GELU()):
         torch.manual_seed(5)
         model = nn.Sequential(nn.Linear(4, 12), act, nn.Linear(12, 12), act, nn.Linear(12, 3))
         model = model.to(DT).eval()
