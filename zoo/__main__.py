@@ -191,12 +191,13 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         model = models.build(
             args.model, input_shape=info.input_shape, num_outputs=info.num_classes, **options
         )
+        threads = train.set_threads(args.threads, model)
         progress = not args.no_progress and ddp.main
         if ddp.main:
             print(
                 f"training {args.model} on {args.data} ({info.train_size} train / "
                 f"{info.test_size} test) for {config.epochs} epochs, {ddp.world_size} "
-                f"process(es) on {device.type}"
+                f"process(es) on {device.type}, {threads} thread(s) each"
             )
         start = time.perf_counter()
         history = train.fit(
@@ -226,6 +227,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
                 training={
                     **train.config_dict(config),
                     "processes": ddp.world_size,
+                    "threads": threads,
                     "device": device.type,
                     "steps": history.steps,
                     "final_loss": history.losses[-1] if history.losses else None,
@@ -286,6 +288,9 @@ def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None
             num_outputs=card["data"]["num_classes"],
         )
     model, arch = cards.load_model(checkpoint, expected, device=args.device_)
+    from zoo.train import set_threads
+
+    set_threads(args.threads, model)
     if _kind(arch["model"]) == "critic":
         raise ZooError(
             f"{args.run} holds a Wasserstein critic: its numbers come from "
@@ -439,18 +444,22 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def cmd_wasserstein(args: argparse.Namespace, argv: list[str]) -> int:
-    from zoo import data, models, wasserstein
+    from zoo import data, models, train, wasserstein
 
     options = models.parse_options(args.option)
     models.get("critic").options(options)
-    models.build("critic", input_shape=(2,), num_outputs=1, **options)  # the options' ranges
+    probe = models.build("critic", input_shape=(2,), num_outputs=1, **options)  # the ranges
+    threads = train.set_threads(args.threads, probe)
     for name in (args.p, args.q):
         if name not in data.DISTRIBUTIONS:
             data.sample(name, 1)  # raises the error listing the valid names
     config = wasserstein.CriticConfig(
         p=args.p, q=args.q, samples=args.samples, steps=args.steps, lr=args.lr, seed=args.seed
     )
-    print(f"critic between {args.p} (P) and {args.q} (Q), {args.samples} samples each")
+    print(
+        f"critic between {args.p} (P) and {args.q} (Q), {args.samples} samples each, "
+        f"{threads} thread(s)"
+    )
     critic, x_p, x_q, result = wasserstein.train_critic(
         config, options, progress=not args.no_progress
     )
@@ -481,7 +490,17 @@ def _add_data_args(p: argparse.ArgumentParser, *, with_name: bool) -> None:
         "--download", action="store_true", help="let torchvision download a missing dataset"
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=arguments.count,
+        help="torch threads, >= 1 (default: 1 for models under 100k parameters, else "
+        "torch's default)",
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, default_name: str) -> None:
@@ -579,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=arguments.seed, default=critic.seed, help="seed of samples and critic"
     )
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="critic option")
+    _add_threads_arg(p)
     _add_run_args(p, default_name="critic-P-Q-TIMESTAMP")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

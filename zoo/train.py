@@ -163,6 +163,26 @@ class Distributed:
             dist.destroy_process_group()
 
 
+SMALL_MODEL = 100_000
+"""Models with fewer parameters train on one thread by default (`set_threads`)."""
+
+
+def set_threads(requested: int | None, model: nn.Module) -> int:
+    """Set torch's intra-op thread count for ``model`` and return it.
+
+    ``requested`` (``--threads``) wins; by default a model with fewer than
+    `SMALL_MODEL` parameters gets 1 thread and a larger one torch's default. On a
+    shared 2-core machine a small model's step at 2 threads cost up to 40 times its
+    1-thread step, while large models gain a little from 2 (benchmarks/threads.py,
+    benchmarks/results/threads.md).
+    """
+    if requested is None:
+        params = sum(p.numel() for p in model.parameters())
+        requested = 1 if params < SMALL_MODEL else torch.get_num_threads()
+    torch.set_num_threads(requested)
+    return requested
+
+
 @dataclass
 class History:
     """What `fit` measured: mean training loss per epoch, steps, seconds."""

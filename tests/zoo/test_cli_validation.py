@@ -60,6 +60,8 @@ CASES = [
     (["train", "groupsort-mlp", "--epochs", "-3"], "--epochs", COUNT, "'-3'"),
     (["train", "groupsort-mlp", "--epochs", "1.5"], "--epochs", COUNT, "'1.5'"),
     (["train", "groupsort-mlp", "--max-steps", "0"], "--max-steps", COUNT, "'0'"),
+    (["train", "groupsort-mlp", "--threads", "0"], "--threads", COUNT, "'0'"),
+    (["wasserstein", "--threads", "-2"], "--threads", COUNT, "'-2'"),
     (["train", "groupsort-mlp", "--batch-size", "0"], "--batch-size", COUNT, "'0'"),
     (["train", "groupsort-mlp", "--lr", "nan"], "--lr", RATE, "'nan'"),
     (["train", "groupsort-mlp", "--lr", "-1"], "--lr", RATE, "'-1'"),

@@ -1,4 +1,5 @@
-"""The training bar ends full: N/N epochs, also when max_steps stops the run early."""
+"""The training bar ends full (N/N epochs, also when max_steps stops the run early), and
+the thread count follows the model's size unless --threads is given."""
 
 from __future__ import annotations
 
@@ -22,3 +23,18 @@ def test_training_bar_reaches_the_last_epoch(capsys) -> None:
         assert history.steps == (max_steps or 4 * epochs)
         final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
         assert shown in final, final
+
+
+def test_threads_default_to_one_for_small_models() -> None:
+    """set_threads: --threads wins; small models get 1 thread, large ones torch's default."""
+    before = torch.get_num_threads()
+    try:
+        small = models.build("groupsort-mlp", input_shape=(1, 8, 8), num_outputs=10, width=8)
+        big = torch.nn.Linear(1000, 200)  # 200 200 parameters
+        torch.set_num_threads(2)
+        assert train.set_threads(None, small) == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert train.set_threads(None, big) == 2 and torch.get_num_threads() == 2
+        assert train.set_threads(2, small) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
