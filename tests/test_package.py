@@ -25,3 +25,20 @@ def test_errors_subclass_the_builtins_users_catch():
     assert issubclass(lipnets.UnboundedModuleError, TypeError)
     assert issubclass(lipnets.UntraceableModelError, lipnets.UnboundedModuleError)
     assert issubclass(lipnets.ShapeRequiredError, ValueError)
+
+
+def test_zoo_is_installed_with_its_checkpoints(tmp_path):
+    """`import zoo` works outside the checkout (it is packaged, with the shipped runs), and
+    a shipped run is found by name with its card."""
+    import subprocess
+    import sys
+
+    code = (
+        "import zoo.cards as c; names = c.pretrained(); print(sorted(names)); "
+        "path, card = c.find_run(names[0]); print(card['checkpoint_sha256'][:8])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "groupsort-mlp-digits" in done.stdout
