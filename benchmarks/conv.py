@@ -1,16 +1,20 @@
 """Speed and orthogonality of lipnets' orthogonal convolutions against nn.Conv2d.
 
 For each channel count c and input size H x W (square c -> c layers, 3 x 3
-kernels, circular padding, batch 64) and each layer, the script times a
-training step (forward + backward + AdamW step, median over `--steps` steps
-after `--warmup` steps) and an eval forward (no_grad, eval mode), then reports
-the realised largest and smallest singular values of the layer *as an operator
-on c x H x W inputs* after those steps. Rows:
+kernels, circular padding, batch 64) the script builds every layer and times,
+**interleaved** in one loop (each round runs every layer once, the order
+alternating between rounds, so machine noise and cache effects fall on all
+layers alike), a training step (forward + backward + AdamW step) and an eval
+forward (no_grad, eval mode); it reports medians over `--steps` rounds after
+`--warmup` untimed ones, the ratios to nn.Conv2d, and the realised largest and
+smallest singular values of the layer *as an operator on c x H x W inputs*
+after the training steps. Rows:
 
 * `nn.Conv2d` (`padding=1, padding_mode="circular"`), the reference;
 * `BCOPConv2d` and `CayleyConv2d` (lipnets);
 * `BCOPConv2d export` / `CayleyConv2d export`: `lipnets.to_vanilla` of the
-  trained layer (eval only);
+  trained layer (eval only), with the largest difference between the export's
+  output and the layer's on the benchmark batch;
 * `orthogonium AdaptiveOrthoConv2d` (if `orthogonium` is installed), measured
   in the same run.
 
@@ -24,6 +28,13 @@ CayleyConv2d gives its realised matrices through `frequency_matrices(size)`
 exported `FrequencyConv2d`) is probed with one impulse per input channel; its impulse responses are
 computed in the layer's own dtype and then transformed in float64. A layer
 with an `orthogonality_error(input_shape)` method also reports that value.
+
+The machine's 1-minute load average is recorded before and after each
+configuration (other processes share the cores; the ratios are what to read).
+The default is one thread (`--threads`): on a shared 2-core machine, two OpenMP
+threads make every small LAPACK call of a batched solve (`torch.linalg.inv` of
+544 complex 64 x 64 matrices: one parallel region per matrix) wait on the other
+processes, and the step times of all layers swing by factors of 2 to 20.
 
 Usage:
     python benchmarks/conv.py                               # c 32 64 128, 16x16 and 32x32
@@ -40,11 +51,14 @@ import argparse
 import itertools
 import json
 import math
+import os
+import statistics
+import time
 import warnings
 from collections.abc import Callable
 
 import torch
-from _timing import describe, eval_forward, interleaved_eval_medians, median_time, tqdm
+from _timing import describe, eval_forward, tqdm
 from torch import nn
 
 import lipnets
@@ -154,64 +168,111 @@ def operator_sigmas(layer: nn.Module, c_in: int, size: tuple[int, int]) -> dict:
     return out
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int, warmup: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Median wall and CPU (process) time of each callable, run in turns.
+
+    Every round calls every function once, in an order that alternates between
+    rounds, so that load from other processes and cache effects fall on all of
+    them alike.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
+    for step in range(rounds):
+        for key, fn in order if step % 2 == 0 else reversed(order):
+            _sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            _sync(device)
+            wall[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - start_cpu)
+    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in fns}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_step(layer: nn.Module, opt, x: torch.Tensor, target: torch.Tensor):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(layer(x), target).backward()
+        opt.step()
+
+    return step
+
+
 def bench_config(
     c: int, hw: int, makers: dict[str, Maker], args, device: torch.device
 ) -> list[dict]:
     size = (hw, hw)
+    load_start = os.getloadavg()[0]
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(args.batch, c, *size, generator=gen).to(device)
     target = torch.randn(args.batch, c, *size, generator=gen).to(device)
-    rows = []
-    plain_eval: dict[str, nn.Module] = {}  # eval forwards of plain modules, timed interleaved
+    layers: dict[str, nn.Module] = {}
+    steps = {}
     for name, make in makers.items():
         torch.manual_seed(0)
-        layer = make(c, size).to(device)
+        layer = make(c, size).to(device).train()
         opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, weight_decay=1e-2)
-
-        def train_step(layer=layer, opt=opt):
-            layer.train()
-            opt.zero_grad(set_to_none=True)
-            nn.functional.mse_loss(layer(x), target).backward()
-            opt.step()
-
-        train = median_time(train_step, args.steps, args.warmup, device)
-        layer.eval()
-        evaluate = median_time(
-            lambda layer=layer: eval_forward(layer, x), args.steps, args.warmup, device
-        )
-        base = {"channels": c, "size": hw}
-        rows.append(
-            base
-            | {"layer": name, "train_s": train, "eval_s": evaluate}
-            | operator_sigmas(layer, c, size)
-        )
-        if name == "nn.Conv2d":
-            plain_eval[name] = layer
+        layers[name] = layer
+        steps[name] = _train_step(layer, opt, x, target)
+    train = interleaved_medians(steps, args.steps, args.warmup, device)
+    evals: dict[str, nn.Module] = {}
+    extra: dict[str, dict] = {}
+    for name, layer in layers.items():
+        evals[name] = layer.eval()
         if name in EXPORTED:
             plain = lipnets.to_vanilla(layer).eval()
-            plain_eval[f"{name} export"] = plain
-            rows.append(
-                base
-                | {"layer": f"{name} export", "train_s": math.nan, "eval_s": math.nan}
-                | {"export_type": type(plain).__name__}
-                | operator_sigmas(plain, c, size)
-            )
-    medians = interleaved_eval_medians(plain_eval, x, 5 * args.steps, args.warmup, device)
-    for r in rows:
-        if r["layer"] in medians:
-            r["eval_s"] = medians[r["layer"]]
+            evals[f"{name} export"] = plain
+            with torch.no_grad():
+                diff = (plain(x) - layer(x)).abs().max()
+            extra[f"{name} export"] = {
+                "export_type": type(plain).__name__,
+                "export_max_abs_diff": float(diff),
+            }
+    forward = {k: (lambda m=m: eval_forward(m, x)) for k, m in evals.items()}
+    evaluate = interleaved_medians(forward, 2 * args.steps, args.warmup, device)
+    load_end = os.getloadavg()[0]
+    rows = []
+    for name, module in evals.items():
+        timed = train.get(name, {"wall": math.nan, "cpu": math.nan})
+        rows.append(
+            {"channels": c, "size": hw, "layer": name}
+            | {"train_s": timed["wall"], "train_cpu_s": timed["cpu"]}
+            | {"eval_s": evaluate[name]["wall"], "eval_cpu_s": evaluate[name]["cpu"]}
+            | extra.get(name, {})
+            | operator_sigmas(module, c, size)
+            | {"load_start": load_start, "load_end": load_end}
+        )
     ref = next(r for r in rows if r["layer"] == "nn.Conv2d")
     for r in rows:
-        r["train_x"] = r["train_s"] / ref["train_s"]
-        r["eval_x"] = r["eval_s"] / ref["eval_s"]
+        for key in ("train", "eval"):
+            r[f"{key}_x"] = r[f"{key}_s"] / ref[f"{key}_s"]
+            r[f"{key}_cpu_x"] = r[f"{key}_cpu_s"] / ref[f"{key}_cpu_s"]
     return rows
 
 
 def markdown(rows: list[dict], device: str, batch: int) -> str:
+    loads = [r[k] for r in rows for k in ("load_start", "load_end")]
+    diffs = [
+        f"{r['layer']} at {r['channels']} ch {r['size']}²: {r['export_max_abs_diff']:.1e}"
+        for r in rows
+        if "export_max_abs_diff" in r
+    ]
     lines = [
         f"Measured on {device}, batch {batch}, 3x3 kernels, circular padding, "
-        "AdamW (lr 1e-3, weight decay 1e-2); times are medians. σ are the realised "
-        "singular values of the layer as an operator at the input size.",
+        "AdamW (lr 1e-3, weight decay 1e-2); the layers of each configuration ran "
+        "interleaved (alternating order), times are medians. σ are the realised "
+        "singular values of the layer as an operator at the input size. 1-minute load "
+        f"average during the run: {min(loads):.1f} to {max(loads):.1f} (2 cores, shared).",
         "",
         "| c | H×W | layer | train step (ms) | × nn.Conv2d | eval (ms) | × nn.Conv2d "
         "| σ_max | σ_min |",
@@ -225,6 +286,8 @@ def markdown(rows: list[dict], device: str, batch: int) -> str:
             f"| {1e3 * r['eval_s']:.2f} | {r['eval_x']:.2f} "
             f"| {r['sigma_max']:.7f} | {r['sigma_min']:.7f} |"
         )
+    if diffs:
+        lines += ["", "Largest |export(x) − layer(x)| on the batch (float32): " + "; ".join(diffs)]
     return "\n".join(lines) + "\n"
 
 
@@ -236,10 +299,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads (see the module docstring)"
+    )
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write the raw rows to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     where = describe(device)
     makers = _makers()
     rows = []

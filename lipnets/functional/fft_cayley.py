@@ -15,7 +15,9 @@ matrices). `lipnets.nn.CayleyConv2d` is the module.
 The real-FFT symmetry of the matrices is kept by `lipnets.functional._fft_symmetry`
 (Note [Real-FFT symmetry]); the hand-written backward passes are in
 `lipnets.functional._fft_autograd` (Note [Frequency convolution backward], Note
-[Hand-written backward and torch.func]).
+[Hand-written backward and torch.func]); `fft_cayley_conv2d` runs the Cayley map and the
+frequency products as one op, `lipnets.functional._fft_cayley_fused` (Note [Fused Cayley
+convolution backward]), which computes the same function as the two composed.
 
 # Note [Kernel transform]
 
@@ -39,9 +41,13 @@ transform. With $U(\omega) = \sum_d U_d e^{i \omega d}$ over centred tap
 offsets $d$, $U(\omega)^H = \sum_d U_{-d}^\top e^{i \omega d}$, so it is the
 transfer matrix of the taps $S_d = U_d - U_{-d}^\top$: the kernel minus its
 flipped, channel-transposed self (an even tap count first gets a zero tap in
-front, which keeps every offset and makes them symmetric). That costs one more
-small tap transform instead of a subtraction with a conjugate transpose over
-every frequency matrix, forward and backward.
+front, which keeps every offset and makes them symmetric). The identity of
+$I + U - U^H$ joins the tap at offset 0, whose phase is exactly 1 (and whose
+skew part has an exactly zero diagonal), so the transform gives $I + A$ at once.
+Only this one small tap transform is needed for a square kernel (the top block
+$U$ itself is never used), plus one for the rows $V$ of a non-square one,
+instead of a subtraction with a conjugate transpose over every frequency
+matrix, forward and backward.
 
 # Note [Cayley on the Stiefel manifold]
 
@@ -88,14 +94,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lipnets._checks import check_int, check_int_pair, check_tensor
-from lipnets.functional._fft_autograd import (
-    _conj,
-    _frequency_conv,
-    _FrequencyConv,
-    _inverse,
-    _matmul,
-    _transforms_active,
-)
+from lipnets.functional._fft_autograd import _frequency_conv, _FrequencyConv, _transforms_active
+from lipnets.functional._fft_cayley_fused import _cayley_matrices, cayley_conv
 from lipnets.functional._fft_symmetry import _make_hermitian
 from lipnets.functional.reshape import space_to_depth
 
@@ -125,26 +125,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _device_type(tensor: object) -> str:
     return tensor.device.type if isinstance(tensor, Tensor) else "cpu"
-
-
-def _cayley_tall(z: Tensor, skew: Tensor) -> Tensor:
-    """Batched Cayley map of Note [Cayley on the Stiefel manifold] for tall (..., m, n).
-
-    `skew` is $U - U^H$ for the top block $U$ of `z`, computed in the tap
-    domain (Note [Skew part in the tap domain]).
-    """
-    n = z.shape[-1]
-    v = z[..., n:, :]
-    m = skew
-    if v.shape[-2] > 0:
-        m = m + _matmul(_conj(v).mT, v)
-    m.diagonal(dim1=-2, dim2=-1).add_(1)  # I + A, in place on a fresh tensor
-    r = _inverse(m)
-    top = 2 * r
-    top.diagonal(dim1=-2, dim2=-1).sub_(1)  # 2R - I
-    if v.shape[-2] == 0:
-        return top
-    return torch.cat((top, -2 * _matmul(v, r)), dim=-2)
 
 
 def _phases(size: int, taps: int, count: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -180,15 +160,36 @@ def _transfer_matrices(kernel: Tensor, height: int, width: int) -> Tensor:
     return full.reshape(height * cols, m, n)
 
 
-def _skew_taps(kernel: Tensor, wide: bool) -> Tensor:
-    """Taps whose transfer matrices are $U - U^H$ (Note [Skew part in the tap domain])."""
-    taps = kernel.transpose(0, 1) if wide else kernel  # the tall orientation
+def _skew_taps(taps: Tensor) -> Tensor:
+    """Taps whose transfer matrices are $I + U - U^H$ (Note [Skew part in the tap domain]).
+
+    `taps` is the kernel in the tall orientation, (rows, k, kh, kw) with rows >= k; $U$ is
+    its top block.
+    """
     n = taps.shape[1]
     u = taps[:n]
     # Odd tap counts are centred; an even count gets a zero tap in front, which
     # keeps every tap's offset (t - (k - 1) // 2) and makes the offsets symmetric.
     u = F.pad(u, (1 - u.shape[-1] % 2, 0, 1 - u.shape[-2] % 2, 0))
-    return u - u.flip(-2, -1).transpose(0, 1)
+    skew = u - u.flip(-2, -1).transpose(0, 1)
+    centre = skew[:, :, (skew.shape[-2] - 1) // 2, (skew.shape[-1] - 1) // 2]
+    centre.diagonal().add_(1)  # the identity, at offset 0 (phase exactly 1); a fresh tensor
+    return skew
+
+
+def _cayley_parts(kernel: Tensor, height: int, width: int) -> tuple[Tensor, Tensor | None, bool]:
+    """$I + U - U^H$, the other rows $V$ (None if square) and whether the kernel is wide.
+
+    The transfer matrices of Note [Cayley on the Stiefel manifold] for the tall
+    orientation (a wide kernel is transposed), flat over the bins: (bins, k, k) and
+    (bins, rows - k, k). The top block $U$ itself is never needed, only its skew part.
+    """
+    wide = kernel.shape[0] < kernel.shape[1]
+    taps = kernel.transpose(0, 1) if wide else kernel
+    k = taps.shape[1]
+    m = _transfer_matrices(_skew_taps(taps), height, width)
+    v = _transfer_matrices(taps[k:], height, width) if taps.shape[0] > k else None
+    return m, v, wide
 
 
 def _frequency_matrices(kernel: Tensor, size: int | Sequence[int], cayley: bool) -> Tensor:
@@ -196,15 +197,16 @@ def _frequency_matrices(kernel: Tensor, size: int | Sequence[int], cayley: bool)
     height, width = check_int_pair(size, "size")
     with torch.autocast(_device_type(kernel), enabled=False):
         kernel = kernel.to(_compute_dtype(kernel.dtype))
-        z = _transfer_matrices(kernel, height, width)
-        wide = z.shape[-2] < z.shape[-1]
-        if wide:  # transposes keep the conjugate symmetry; fix the tall (non-view) result
-            z = z.mT
         if cayley:
-            z = _cayley_tall(z, _transfer_matrices(_skew_taps(kernel, wide), height, width))
-        z = _make_hermitian(z, height, width)
-        if wide:
-            z = z.mT
+            z = _cayley_matrices(*_cayley_parts(kernel, height, width), height, width)
+        else:
+            z = _transfer_matrices(kernel, height, width)
+            wide = z.shape[-2] < z.shape[-1]
+            if wide:  # transposes keep the conjugate symmetry; fix the tall (non-view) result
+                z = z.mT
+            z = _make_hermitian(z, height, width)
+            if wide:
+                z = z.mT
         return z.reshape(height, width // 2 + 1, *z.shape[-2:])
 
 
@@ -232,7 +234,7 @@ def conv_frequency_matrices(kernel: Tensor, size: int | Sequence[int]) -> Tensor
         ValueError: for a kernel that is not 4-D or holds NaN or infinite
             entries, or a bad `size`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> kernel, x = torch.randn(5, 3, 3, 3), torch.randn(2, 3, 6, 7)
@@ -270,7 +272,7 @@ def cayley_frequency_matrices(kernel: Tensor, size: int | Sequence[int]) -> Tens
         ValueError: for a kernel that is not 4-D or holds NaN or infinite
             entries, or a bad `size`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> q = cayley_frequency_matrices(torch.randn(6, 4, 3, 3), (5, 8))
         >>> q.shape
@@ -308,7 +310,7 @@ def fft_conv2d(x: Tensor, matrices: Tensor) -> Tensor:
         TypeError: if `matrices` is not complex or `x` not floating-point.
         ValueError: if the shapes do not fit together.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(2, 3, 4, 6)
         >>> eye = torch.eye(3, dtype=torch.complex64).expand(4, 4, 3, 3)
@@ -365,7 +367,7 @@ def fft_cayley_conv2d(
         ValueError: for a stride that is not an int >= 1, a spatial size not
             divisible by it, or mismatched channels.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = torch.randn(2, 4, 8, 8)
         >>> y = fft_cayley_conv2d(x, torch.randn(16, 16, 2, 2), stride=2)
@@ -392,8 +394,11 @@ def fft_cayley_conv2d(
             f"kernel has {kernel.shape[1]} input channels but the input has {x.shape[1]} "
             f"(after space_to_depth with stride={stride})"
         )
-    matrices = cayley_frequency_matrices(kernel, tuple(x.shape[-2:]))
-    y = fft_conv2d(x, matrices)
+    _check_kernel(kernel)
+    height, width = x.shape[-2:]
+    with torch.autocast(_device_type(kernel), enabled=False):
+        kernel = kernel.to(_compute_dtype(kernel.dtype))
+        y = cayley_conv(x.to(kernel.dtype), *_cayley_parts(kernel, height, width), height, width)
     if bias is not None:
         y = y + bias.to(y.dtype).reshape(-1, 1, 1)
     return y

@@ -153,17 +153,67 @@ def test_cayley_matrices_match_the_full_square_cayley_transform(shape):
 
 
 def test_gradients_gradcheck_and_double_backward():
-    # Note [Frequency convolution backward]: the hand-written adjoint, in float64.
+    # Note [Frequency convolution backward] and Note [Fused Cayley convolution backward]:
+    # the hand-written backward passes, composed and fused, in float64; the fused op's
+    # double backward recomputes through the composed ops.
     g = torch.Generator().manual_seed(0)
-    for m, n, size in [(2, 2, (4, 3)), (3, 2, (3, 4)), (2, 3, (2, 3))]:
-        kernel = (0.3 * torch.randn(m, n, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    for m, n, size, stride in [
+        (2, 2, (4, 3), 1),
+        (3, 2, (3, 4), 1),
+        (2, 3, (2, 3), 1),
+        (3, 1, (4, 2), 2),
+    ]:
+        kernel = 0.3 * torch.randn(m, n * stride**2, 3, 3, generator=g, dtype=torch.float64)
+        kernel.requires_grad_()
         x = torch.randn(1, n, *size, generator=g, dtype=torch.float64, requires_grad=True)
 
-        def fn(x, kernel, size=size):
-            return FC.fft_conv2d(x, FC.cayley_frequency_matrices(kernel, size))
+        def composed(x, kernel, stride=stride):
+            folded = space_to_depth(x, stride) if stride > 1 else x
+            return FC.fft_conv2d(folded, FC.cayley_frequency_matrices(kernel, folded.shape[-2:]))
 
-        assert torch.autograd.gradcheck(fn, (x, kernel))
-        assert torch.autograd.gradgradcheck(fn, (x, kernel), fast_mode=True)
+        def fused(x, kernel, stride=stride):
+            return FC.fft_cayley_conv2d(x, kernel, stride=stride)
+
+        if stride == 1:  # the full Jacobian check: a few seconds each
+            assert torch.autograd.gradcheck(composed, (x, kernel))
+            assert torch.autograd.gradgradcheck(composed, (x, kernel), fast_mode=True)
+        # the fused op agrees with the composed one to 1e-12 (test_fused_op_is_the_composed_ops)
+        assert torch.autograd.gradcheck(fused, (x, kernel), fast_mode=True)
+        assert torch.autograd.gradgradcheck(fused, (x, kernel), fast_mode=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"in{c[0]}-out{c[1]}-s{c[2]}")
+def test_fused_op_is_the_composed_ops(case, f64_tol):
+    # Note [Fused Cayley convolution backward]: the one-op forward is bitwise the composed
+    # ops' (so the export applies what the layer applies), and its gradients are autograd's
+    # through the composed ops, with either input alone needing one. The sizes include odd
+    # ones, a single row (every bin self-conjugate) and a single bin.
+    cin, cout, stride = case
+    g = torch.Generator().manual_seed(0)
+    kernel = torch.randn(cout, cin * stride**2, 3, 3, generator=g, dtype=torch.float64)
+    for size in [*SIZES[stride], (stride, 2 * stride), (stride, stride)]:
+        x = torch.randn(3, cin, *size, generator=g, dtype=torch.float64)
+        folded = space_to_depth(x, stride) if stride > 1 else x
+        cot = torch.randn(3, cout, *folded.shape[-2:], generator=g, dtype=torch.float64)
+        k, xs = kernel.clone().requires_grad_(), x.clone().requires_grad_()
+        y = FC.fft_cayley_conv2d(xs, k, stride=stride)
+        matrices = FC.cayley_frequency_matrices(k, folded.shape[-2:])
+        ref = FC.fft_conv2d(space_to_depth(xs, stride) if stride > 1 else xs, matrices)
+        assert torch.equal(y, ref), size
+        want = torch.autograd.grad((ref * cot).sum(), (xs, k))
+        got = torch.autograd.grad((y * cot).sum(), (xs, k))
+        for a, b in zip(got, want, strict=True):
+            f64_tol.assert_close(a, b)
+        (grad_k,) = torch.autograd.grad((FC.fft_cayley_conv2d(x, k, stride=stride) * cot).sum(), k)
+        f64_tol.assert_close(grad_k, want[1])
+        y = FC.fft_cayley_conv2d(xs, kernel, stride=stride)
+        (grad_x,) = torch.autograd.grad((y * cot).sum(), xs)
+        f64_tol.assert_close(grad_x, want[0])
+        # float32: still the same forward, bit for bit
+        x32, k32 = x.float(), kernel.float()
+        f32 = FC.cayley_frequency_matrices(k32, folded.shape[-2:])
+        ref32 = FC.fft_conv2d(space_to_depth(x32, stride) if stride > 1 else x32, f32)
+        assert torch.equal(FC.fft_cayley_conv2d(x32, k32, stride=stride), ref32)
 
 
 def test_hand_written_backward_equals_autograd_through_plain_ops():
@@ -390,7 +440,15 @@ def test_to_vanilla_matches_and_is_frozen_for_one_size():
     with pytest.raises(ValueError, match="only accepts inputs of size"):
         frozen.lipschitz_bound((1, 3, 8, 8))
     assert set(frozen.state_dict()) == {"matrices", "bias"}
+    assert frozen.matrices.is_contiguous()  # stored once in the order the products read
     torch.testing.assert_close(frozen.double()(x.double()), layer(x).double(), rtol=0, atol=1e-5)
+    # a float64 layer exports its own float64 function, bit for bit, in every orientation
+    for cin, cout, stride in CASES:
+        layer64 = CayleyConv2d(cin, cout, 3, stride=stride, dtype=torch.float64)
+        x64 = torch.randn(2, cin, 4 * stride, 6 * stride, dtype=torch.float64)
+        frozen64 = layer64.to_vanilla(input_size=x64.shape[-2:])
+        with torch.no_grad():
+            assert torch.equal(frozen64(x64), layer64(x64)), (cin, cout, stride)
 
 
 def test_export_right_after_load_without_forward():
