@@ -78,7 +78,8 @@ class _Random(nn.Module):
             *[_Block(rng.choice(kinds), rng) for _ in range(rng.randint(2, 4))]
         )
         self.head = nn.Linear(C * S * S, 6)
-        self.tail = rng.choice(["none", "log_softmax", "logsumexp", "cumsum", "diff", "softmin"])
+        tails = ["none", "log_softmax", "logsumexp", "cumsum", "diff", "softmin", "normalize"]
+        self.tail = rng.choice(tails)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in self.parameters():
@@ -93,6 +94,7 @@ class _Random(nn.Module):
             "cumsum": lambda: y.cumsum(-1),
             "diff": lambda: torch.diff(y, n=2),
             "softmin": lambda: F.softmin(y, dim=-1),
+            "normalize": lambda: F.normalize(y, dim=1, eps=0.5),
         }[self.tail]()
 
 
