@@ -97,6 +97,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, arch: Architecture) -> P
     return path
 
 
+def provenance(folder: Path, command: str) -> dict[str, Any]:
+    """The fields every card records about how it was made: the versions, the command, and
+    the checkpoint (already written into ``folder``) with its SHA-256."""
+    return {
+        "lipnets_version": lipnets.__version__,
+        "torch_version": torch.__version__,
+        "command": command,
+        "checkpoint": WEIGHTS,
+        "checkpoint_sha256": sha256(folder / WEIGHTS),
+    }
+
+
 def read_architecture(path: str | Path) -> Architecture:
     """The architecture stored in a zoo checkpoint's metadata."""
     from safetensors import safe_open

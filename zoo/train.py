@@ -443,12 +443,8 @@ def write_run(
             "data": info.as_dict(),
             **evaluation.card_fields(),
             "lower_bound_search": None if lower_bound_search is None else dict(lower_bound_search),
-            "lipnets_version": lipnets.__version__,
-            "torch_version": torch.__version__,
-            "command": command,
             "training": dict(training),
-            "checkpoint": cards.WEIGHTS,
-            "checkpoint_sha256": cards.sha256(path.parent / cards.WEIGHTS),
+            **cards.provenance(path.parent, command),
         }
         cards.write_card(path.parent, fields)
 

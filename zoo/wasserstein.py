@@ -178,11 +178,7 @@ def write_run(
             "median_gradient_norm": result.median_gradient_norm,
             "lipschitz_bound": result.lipschitz_bound,
             "train_seconds": result.seconds,
-            "lipnets_version": lipnets.__version__,
-            "torch_version": torch.__version__,
-            "command": command,
-            "checkpoint": cards.WEIGHTS,
-            "checkpoint_sha256": cards.sha256(path.parent / cards.WEIGHTS),
+            **cards.provenance(path.parent, command),
         }
         cards.write_card(path.parent, fields)
 
