@@ -31,6 +31,12 @@ Labels are parsed by `lipnets.functional.margin`,
 which raise a ``ValueError`` on labels out of range, rows that are not
 one-hot, binary labels other than 1 / 0 / -1, and a batch mixing 0 and -1.
 
+Certified training losses read the model rather than its scores: `lipnets.certify.CrownIBPLoss`
+and `lipnets.certify.IBPLoss` (Note [Certified cross-entropy] in `lipnets.certify.training`)
+take the cross-entropy of the worst-case margins over norm balls, bounded by the propagation
+code that certifies, and are called as ``loss(model, input, target)``; they follow the
+conventions above (``reduction``, per-sample values independent of the batch).
+
 `lipnets.certify.wasserstein_estimate` turns a critic trained with `KRLoss`
 into a certified *lower* bound on the Wasserstein-1 distance between two
 samples; it lives in `lipnets.certify` and stays importable from here.

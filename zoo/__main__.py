@@ -144,7 +144,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from zoo import cards, data, models, train
+    from zoo import cards, certified, data, models, train
     from zoo.errors import ZooError
 
     # At the door: every value was checked by its argparse type; what depends
@@ -175,8 +175,9 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         weight_decay=args.weight_decay,
         seed=args.seed,
     )
-    eps = _eps_list(args.eps, dataset.default_eps)
     ddp = train.Distributed.from_env()
+    cert = certified.options_from(args, config.loss, ddp.world_size)  # --eps: l-inf radii
+    eps = _eps_list(None if cert else args.eps, dataset.default_eps)
     if config.batch_size % ddp.world_size:
         raise ZooError(
             f"--batch-size must be divisible by the number of processes ({ddp.world_size}), "
@@ -208,6 +209,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             device=device,
             max_steps=args.max_steps,
             progress=progress,
+            certified=cert,
         )
         train.check_finite(history)
         if ddp.main:
@@ -217,6 +219,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             )
             name = args.name or f"{args.model}-{args.data}-{datetime.now():%Y%m%d-%H%M%S}"
             arch = cards.architecture(args.model, options, info.input_shape, info.num_classes)
+            title = f"{args.model} on {args.data}: verified accuracy ({config.loss})"
+            verified = cert and certified.verified_run(model, split.test, cert, title=title)
             folder = train.write_run(
                 args.out,
                 name,
@@ -232,9 +236,11 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
                     "steps": history.steps,
                     "final_loss": history.losses[-1] if history.losses else None,
                     "train_seconds": round(history.seconds, 2),
+                    **({"certified": cert.as_dict()} if cert else {}),
                 },
                 lower_bound_search=search,
                 command=_command(argv, ddp.world_size),
+                verified=verified,
             )
             total = time.perf_counter() - start
             _print_evaluation(
@@ -243,6 +249,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
                 f"trained in {history.seconds:.1f} s ({history.steps} steps), "
                 f"{total:.1f} s with evaluation:",
             )
+            if verified:
+                print(certified.describe(verified))
             print(f"  run folder              {folder}{_kept(args.out, name, folder)}")
         ddp.barrier()
     finally:
@@ -332,7 +340,7 @@ def _close(card_value: float | None, value: float | None, rel: float) -> bool:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from zoo import train
+    from zoo import certified, train
     from zoo.errors import ZooError
 
     model, card, split = _load_for_eval(args)  # the card is checked, the checkpoint verified
@@ -357,6 +365,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if lower is not None:
         rows.append(("lower_bound", card["lower_bound"], ev.lower_bound, TOLERANCE["lower_bound"]))
+    rows += certified.eval_rows(card, model, split.test)  # exact, as accuracies
     print(f"{card['model']} on {card['data']['name']} ({split.info.test_size} test samples)")
     print(f"  {'number':28s} {'card':>12s} {'now':>12s}  tolerance")
     different = []
@@ -543,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count, help="global batch size (split over processes)")
     p.add_argument("--lr", type=positive, help="peak learning rate of Adam, > 0")
     p.add_argument("--schedule", choices=("cosine", "constant"))
-    p.add_argument("--loss", choices=("hinge", "hkr", "ce"))
+    p.add_argument("--loss", choices=("hinge", "hkr", "ce", "ibp", "crown-ibp"))
     p.add_argument("--margin", type=positive, help="hinge/HKR margin, or cross-entropy offset, > 0")
     p.add_argument("--alpha", type=nonnegative, help="HKR hinge weight, >= 0")
     p.add_argument("--temperature", type=positive, help="cross-entropy temperature, > 0")
@@ -554,8 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--option", action="append", metavar="KEY=VALUE", help="a model option (repeatable)"
     )
     p.add_argument(
-        "--eps", type=arguments.radius, nargs="+", help="l2 radii (>= 0) to certify in the card"
+        "--eps",
+        type=arguments.radius,
+        nargs="+",
+        help="l2 radii (>= 0) to certify in the card; with --loss ibp/crown-ibp, the l-inf "
+        "radii to verify by CROWN, the largest being the training radius",
     )
+    from zoo.certified import add_arguments
+
+    add_arguments(p)
     _add_run_args(p, default_name="MODEL-DATA-TIMESTAMP")
 
     p = sub.add_parser("eval", help="recompute a card's numbers from its checkpoint")

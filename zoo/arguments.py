@@ -28,6 +28,7 @@ __all__ = [
     "radius",
     "run_name",
     "seed",
+    "unit",
     "writable_folder",
 ]
 
@@ -120,6 +121,15 @@ def nonnegative(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be {allowed}, got {_show(text)}")
     return value
+
+
+def unit(text: str) -> float:
+    """A weight in [0, 1] (the clean-loss weight kappa of certified training)."""
+    allowed = "a number in [0, 1]"
+    value = _finite(text, allowed)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {_show(text)}")
+    return value + 0.0  # -0.0 -> 0.0
 
 
 def radius(text: str) -> float:

@@ -246,6 +246,16 @@ def _radii(value: Any) -> bool:
     )
 
 
+def _verified(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and value.get("norm") in ("inf", "2")
+        and value.get("method") in ("crown", "ibp")
+        and value.get("dtype") in ("float64", "float32")
+        and _radii(value.get("accuracy"))
+    )
+
+
 def _search(value: Any) -> bool:
     return (
         isinstance(value, dict)
@@ -302,6 +312,13 @@ CLASSIFIER_FIELDS: tuple[Field, ...] = (
         "lower_bound_search",
         _nullable(_search),
         "null or an object of integers points, steps, restarts (>= 1) and seed (>= 0)",
+        False,
+    ),
+    (
+        "crown_verified_accuracy",
+        _verified,
+        "an object of norm ('inf' or '2'), method ('crown' or 'ibp'), dtype and accuracy "
+        "(a non-empty object from radii to numbers in [0, 1]), from certified training",
         False,
     ),
 )

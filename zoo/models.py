@@ -1,7 +1,7 @@
-"""Ready 1-Lipschitz models, registered by name.
+"""Ready models, registered by name: 1-Lipschitz ones, and a plain MLP for certified training.
 
-Every model is built from lipnets layers only (orthogonal linear and
-convolution layers, sorting activations, invertible down-sampling), so its
+The 1-Lipschitz models are built from lipnets layers only (orthogonal linear and
+convolution layers, sorting activations, invertible down-sampling), so their
 sound bound, `lipnets.lipschitz_bound`, is close to 1, and it is *measured*
 from the weights, never assumed. A model is rebuilt from its name, its input
 shape, its number of outputs and its options, which is what a model card
@@ -12,6 +12,10 @@ records.
   `MaxMin`, `InvertibleDownsample` between stages and an orthogonal linear head.
 - ``critic``: a Wasserstein critic, a `BjorckLinear` + `GroupSort` MLP with one
   output.
+- ``mlp``: plain ``nn.Linear`` layers with ReLU or `MaxMin`, not constrained: the
+  model of certified training by bound propagation (``--loss crown-ibp``,
+  `zoo.certified`), whose certificates come from CROWN over l-infinity balls. Its
+  Lipschitz bound is measured like the others' and is far above 1.
 """
 
 from __future__ import annotations
@@ -222,6 +226,35 @@ def critic(
     return nn.Sequential(*layers)
 
 
+def mlp(
+    input_shape: Sequence[int],
+    num_outputs: int,
+    *,
+    width: int = 128,
+    depth: int = 2,
+    activation: str = "relu",
+) -> nn.Sequential:
+    """``Flatten``, then ``depth`` times (``nn.Linear``, ReLU or `MaxMin`), then ``nn.Linear``.
+
+    Unconstrained weights (PyTorch's initialisation): for certified training, where
+    the bounds of CROWN-IBP, not a Lipschitz constant, make the network robust
+    (Zhang et al. 2020). ``depth=2, width=128`` on digits is 64-128-128-10.
+    """
+    _positive("mlp", width=width, depth=depth)
+    if activation == "maxmin" and width % 2:
+        raise ZooError(
+            f"mlp with activation=maxmin needs an even width (MaxMin pairs), got {width}"
+        )
+    layers: list[nn.Module] = [nn.Flatten()]
+    features = math.prod(input_shape)
+    for _ in range(depth):
+        act = nn.ReLU() if activation == "relu" else lipnets.MaxMin()
+        layers += [nn.Linear(features, width), act]
+        features = width
+    layers.append(nn.Linear(features, num_outputs))
+    return nn.Sequential(*layers)
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -249,6 +282,15 @@ MODELS: dict[str, ModelSpec] = {
             critic,
             {"width": 128, "depth": 3, "group_size": 2},
         ),
+        ModelSpec(
+            "mlp",
+            "classifier",
+            "plain nn.Linear MLP with ReLU or MaxMin, for certified training "
+            "(--loss crown-ibp --eps 0.1)",
+            mlp,
+            {"width": 128, "depth": 2, "activation": "relu"},
+            {"activation": ("relu", "maxmin")},
+        ),
     )
 }
 
@@ -270,7 +312,7 @@ def build(
     """Build the model registered as ``name``.
 
     Args:
-        name: a name of `MODELS` (``groupsort-mlp``, ``lipconvnet``, ``critic``).
+        name: a name of `MODELS` (``groupsort-mlp``, ``lipconvnet``, ``critic``, ``mlp``).
         input_shape: the shape of one sample, without the batch dimension.
         num_outputs: classes of a classifier (1 for a critic).
         **options: the model's options (see `MODELS[name].defaults`); strings

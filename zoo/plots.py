@@ -1,4 +1,5 @@
-"""PNG plots of a run: certified accuracy against the radius, a critic's contours."""
+"""PNG plots of a run: certified (or CROWN-verified) accuracy against the radius, a critic's
+contours."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["certified_curve", "critic_contour"]
+__all__ = ["certified_curve", "critic_contour", "verified_curve"]
 
 
 def _pyplot():
@@ -55,6 +56,41 @@ def certified_curve(
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_xlim(0, top)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def verified_curve(
+    path: str | Path, curve: Mapping[float, float], marks: Mapping[float, float], *, title: str
+) -> Path:
+    """Plot the CROWN-verified accuracy at each l-infinity radius of ``curve``.
+
+    Args:
+        path: the PNG to write.
+        curve: ``{eps: accuracy}`` at the radii of the curve.
+        marks: ``{eps: accuracy}`` points to mark (the card's numbers).
+        title: the figure title.
+    """
+    plt = _pyplot()
+    radii = sorted(curve)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(radii, [100 * curve[e] for e in radii], marker="o", label="CROWN-verified (float64)")
+    if marks:
+        ax.scatter(
+            list(marks), [100 * a for a in marks.values()], color="C3", zorder=3, label="card"
+        )
+        for eps, acc in marks.items():
+            ax.annotate(f"{100 * acc:.1f}%", (eps, 100 * acc), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)  # fmt: skip
+    ax.set_xlabel("l-infinity radius eps (inputs in [0, 1])")
+    ax.set_ylabel("verified accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(0, max(radii, default=0.0) * 1.05 or 1.0)
     ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="upper right")

@@ -17,6 +17,7 @@ equal on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -33,7 +34,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import lipnets
 from lipnets.certify import certified_radius
 from lipnets.estimators import lower_bound
+from lipnets.graph import reuse_traces
 from lipnets.losses import HKRLoss, LipschitzCrossEntropyLoss, MulticlassHingeLoss
+from zoo import certified as cert
+from zoo.certified import CERTIFIED_LOSSES, CertifiedOptions
 from zoo.data import DataInfo
 from zoo.errors import ZooError, unknown
 
@@ -54,7 +58,8 @@ __all__ = [
     "write_run",
 ]
 
-LOSSES = ("hinge", "hkr", "ce")
+LOSSES = ("hinge", "hkr", "ce", "ibp", "crown-ibp")
+"""The zoo's losses; ``ibp`` and ``crown-ibp`` are certified training (`zoo.certified`)."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,11 @@ class TrainConfig:
         batch_size: the *global* batch size (split over the DDP processes).
         lr: peak learning rate of Adam.
         schedule: ``"cosine"`` (cosine decay to 0 over all steps) or ``"constant"``.
-        loss: ``"hinge"`` (`MulticlassHingeLoss`), ``"hkr"`` (`HKRLoss`) or
-            ``"ce"`` (`LipschitzCrossEntropyLoss`).
+        loss: ``"hinge"`` (`MulticlassHingeLoss`), ``"hkr"`` (`HKRLoss`),
+            ``"ce"`` (`LipschitzCrossEntropyLoss`), or a certified loss, ``"ibp"``
+            (`lipnets.certify.IBPLoss`) or ``"crown-ibp"``
+            (`lipnets.certify.CrownIBPLoss`), whose radius and schedules are
+            `zoo.certified.CertifiedOptions`.
         margin: the hinge/HKR margin, or the cross-entropy offset. A
             1-Lipschitz network trained to margin ``m`` aims at certified
             radius ``m / sqrt(2)``.
@@ -94,6 +102,8 @@ class TrainConfig:
 _DEFAULTS: dict[str, TrainConfig] = {
     "groupsort-mlp": TrainConfig(epochs=150, batch_size=128, lr=1e-2, loss="hinge", margin=1.1),
     "lipconvnet": TrainConfig(epochs=30, batch_size=128, lr=1e-2, loss="hinge", margin=1.1),
+    # Certified training (benchmarks/certified_training.py): CROWN-IBP at l-inf 0.1 on digits.
+    "mlp": TrainConfig(epochs=60, batch_size=64, lr=1e-3, loss="crown-ibp"),
 }
 
 
@@ -111,6 +121,11 @@ def make_loss(config: TrainConfig) -> nn.Module:
         return HKRLoss(alpha=config.alpha, margin=config.margin)
     if config.loss == "ce":
         return LipschitzCrossEntropyLoss(offset=config.margin, temperature=config.temperature)
+    if config.loss in CERTIFIED_LOSSES:
+        raise ZooError(
+            f"--loss {config.loss} is certified training: it reads the model and a radius "
+            "(fit(..., certified=CertifiedOptions(...)), python -m zoo train ... --eps)"
+        )
     raise unknown("loss", config.loss, LOSSES)
 
 
@@ -209,6 +224,7 @@ def fit(
     device: torch.device | str = "cpu",
     max_steps: int | None = None,
     progress: bool = False,
+    certified: CertifiedOptions | None = None,
 ) -> History:
     """Train ``model`` on ``train_set`` with Adam and the loss of ``config``.
 
@@ -224,6 +240,9 @@ def fit(
         device: where the model and the batches go.
         max_steps: stop after this many optimiser steps (tests, smoke runs).
         progress: show a tqdm bar over epochs (rank 0 only).
+        certified: the radius and schedules of a certified loss (``config.loss`` ``"ibp"``
+            or ``"crown-ibp"``, `zoo.certified`); one process only. The model is traced
+            once for the whole run (`lipnets.graph.reuse_traces`).
 
     Returns:
         The `History` of the run on this rank.
@@ -237,7 +256,17 @@ def fit(
         )
     if config.schedule not in ("cosine", "constant"):
         raise unknown("schedule", config.schedule, ["cosine", "constant"])
-    loss_fn = make_loss(config)
+    if (certified is not None) != (config.loss in CERTIFIED_LOSSES):
+        raise ZooError(
+            f"--loss {config.loss} and the certified options (the radius --eps) go together: "
+            "fit(..., certified=CertifiedOptions(...)) with --loss ibp or crown-ibp only"
+        )
+    if certified is not None and world > 1:
+        raise ZooError(
+            f"--loss {config.loss} runs on one process: its bounds are not computed through "
+            "DistributedDataParallel's forward, so DDP would not average their gradients"
+        )
+    loss_fn = make_loss(config) if certified is None else None
     device = torch.device(device)
     model.to(device)
     sampler = DistributedSampler(
@@ -264,31 +293,37 @@ def fit(
         None, progress and distributed.main, total=planned, desc="train", unit="epoch",
         dynamic_ncols=True,
     )  # fmt: skip
+    step_loss = None if certified is None else cert.step_loss(config.loss, certified, len(loader))
     net.train()
-    for epoch in range(config.epochs):
-        sampler.set_epoch(epoch)
-        running, seen = torch.zeros((), device=device, dtype=torch.float64), 0
-        for x, y in loader:
+    # Certified training propagates bounds through the model at every step: one trace.
+    with reuse_traces() if certified is not None else contextlib.nullcontext():
+        for epoch in range(config.epochs):
+            sampler.set_epoch(epoch)
+            running, seen = torch.zeros((), device=device, dtype=torch.float64), 0
+            for k, (x, y) in enumerate(loader):
+                if history.steps >= total:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if step_loss is None:
+                    loss = loss_fn(net(x), y)
+                else:  # certified training: the model itself (one process), the schedules
+                    loss = step_loss(model, x, y, epoch, k)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                history.steps += 1
+                running += loss.detach() * x.shape[0]  # no host sync per step
+                seen += x.shape[0]
+            if seen:
+                history.losses.append(float(running) / seen)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
             if history.steps >= total:
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = loss_fn(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            history.steps += 1
-            running += loss.detach() * x.shape[0]  # no host sync per step
-            seen += x.shape[0]
-        if seen:
-            history.losses.append(float(running) / seen)
-            if bar is not None:
-                bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
-        if bar is not None:
-            bar.update(1)
-        if history.steps >= total:
-            break
     if bar is not None:
         bar.close()
     history.seconds = time.perf_counter() - start
@@ -339,6 +374,7 @@ def eps_key(eps: float) -> str:
 #: the convolutional model gets a shorter search.
 LOWER_BOUND: dict[str, dict[str, int]] = {
     "groupsort-mlp": {"points": 16, "steps": 50, "restarts": 1, "seed": 0},
+    "mlp": {"points": 16, "steps": 50, "restarts": 1, "seed": 0},
     "lipconvnet": {"points": 8, "steps": 10, "restarts": 1, "seed": 0},
 }
 
@@ -416,6 +452,7 @@ def write_run(
     training: Mapping[str, Any],
     lower_bound_search: Mapping[str, int] | None,
     command: str,
+    verified: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a classifier's run folder: ``model.safetensors``, ``card.json``, ``certified.png``.
 
@@ -427,6 +464,10 @@ def write_run(
     ``evaluation``, how the lower bound was searched, the lipnets and torch
     versions, the command, the training options and the checkpoint's
     SHA-256; ``python -m zoo eval`` recomputes its numbers from the checkpoint.
+
+    A run of certified training passes ``verified`` (`zoo.certified.verified_run`): its
+    ``field`` goes into the card as ``crown_verified_accuracy``, and its ``plot(path)``
+    writes ``verified.png``.
 
     Returns:
         The run folder written.
@@ -444,6 +485,7 @@ def write_run(
             **evaluation.card_fields(),
             "lower_bound_search": None if lower_bound_search is None else dict(lower_bound_search),
             "training": dict(training),
+            **({} if verified is None else {"crown_verified_accuracy": verified["field"]}),
             **cards.provenance(path.parent, command),
         }
         cards.write_card(path.parent, fields)
@@ -457,9 +499,10 @@ def write_run(
             bound=evaluation.lipschitz_bound,
         )
 
-    return runs.write_run_folder(
-        out, name, [(cards.WEIGHTS, checkpoint), (cards.CARD, card), ("certified.png", plot)]
-    )
+    files = [(cards.WEIGHTS, checkpoint), (cards.CARD, card), ("certified.png", plot)]
+    if verified is not None:
+        files.append(("verified.png", verified["plot"]))
+    return runs.write_run_folder(out, name, files)
 
 
 def check_finite(history: History) -> None:

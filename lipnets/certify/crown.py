@@ -48,23 +48,27 @@ inputs, e.g. a frozen ``model.double()`` copy).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from lipnets._state import eval_mode
 from lipnets.functional.margins import (
-    binary_signs,
     check_scores,
-    class_indices,
-    is_binary,
     margin,
+    margin_spec,
 )
 from lipnets.graph import trace
 from lipnets.propagation.lirpa import check_args, check_norm, crown_bounds, interval_bounds
 
 __all__ = ["certify_crown"]
 
-_METHODS = {"crown": crown_bounds, "ibp": interval_bounds}
+_METHODS = {
+    "crown": crown_bounds,
+    "ibp": interval_bounds,
+    "alpha-crown": functools.partial(crown_bounds, optimize=True),
+}
 
 
 def certify_crown(
@@ -104,9 +108,11 @@ def certify_crown(
             ``(N,)`` (one radius per sample).
         norm: ``2`` (l2 ball) or ``float("inf")`` (l-infinity ball); the
             strings ``"l2"``, ``"inf"`` and ``"linf"`` are accepted.
-        method: ``"crown"`` (default) or ``"ibp"`` (interval bound
+        method: ``"crown"`` (default), ``"alpha-crown"`` (α-CROWN, 20 steps:
+            slower, certifies a superset of CROWN's points; Note [α-CROWN] in
+            `lipnets.propagation.alpha`) or ``"ibp"`` (interval bound
             propagation: faster, looser; it certifies a subset of CROWN's
-            points).
+            points). For complete verification, `lipnets.verify.verify`.
 
     Returns:
         A bool tensor of shape ``(N,)`` on the device of ``x``: ``True`` where
@@ -151,7 +157,7 @@ def certify_crown(
         activation functions. *NeurIPS*.
     """
     if not isinstance(method, str) or method.lower() not in _METHODS:
-        raise ValueError(f"method must be 'crown' or 'ibp', got {method!r}")
+        raise ValueError(f"method must be 'crown', 'alpha-crown' or 'ibp', got {method!r}")
     bounds_of = _METHODS[method.lower()]
     q = check_norm(norm)
     x, radius = check_args(model, x, eps)
@@ -171,21 +177,6 @@ def certify_crown(
         raise TypeError(f"labels must be a torch.Tensor, got {type(y).__name__}")
     y = y.detach().to(scores.device)
     correct = margin(scores, y) > 0  # validates the labels (length, range) and the scores
-    spec = _margin_spec(scores, y, x.dtype)
+    spec = margin_spec(scores, y, x.dtype)
     lower = bounds_of(model, x, radius, norm=q, spec=spec).lower
     return (lower > 0).all(dim=1) & correct.to(lower.device)
-
-
-def _margin_spec(scores: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
-    """The rows (N, R, M) whose products with the scores are the margins to bound."""
-    n = scores.shape[0]
-    device = scores.device
-    if is_binary(scores):
-        signs = binary_signs(labels).to(device=device, dtype=dtype)
-        return signs.reshape(n, 1, 1)
-    classes = scores.shape[1]
-    true = class_indices(labels, classes).to(device)
-    eye = torch.eye(classes, dtype=dtype, device=device)
-    every = torch.arange(classes, device=device).expand(n, classes)
-    others = every[every != true[:, None]].reshape(n, classes - 1)
-    return eye[true].unsqueeze(1) - eye[others]  # rows e_y - e_j, j != y

@@ -1,7 +1,7 @@
 """Pure tensor maths with no state: activations, orthogonalisation, pooling, sound norm bounds."""
 
 from lipnets.functional.activations import full_sort, group_sort, max_min
-from lipnets.functional.margins import binary_signs, class_indices, margin
+from lipnets.functional.margins import binary_signs, class_indices, margin, margin_spec
 from lipnets.functional.norms import spectral_norm_bound
 from lipnets.functional.orthogonal import bjorck, bjorck_retraction, cayley, orthogonality_error
 from lipnets.functional.pooling import (
@@ -21,6 +21,7 @@ __all__ = [
     "l2_norm_pool2d",
     "l2_norm_pool2d_lipschitz_bound",
     "margin",
+    "margin_spec",
     "max_min",
     "max_window_cover",
     "orthogonality_error",

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lipnets._checks import check_tensor
 
-__all__ = ["binary_signs", "check_scores", "class_indices", "is_binary", "margin"]
+__all__ = ["binary_signs", "check_scores", "class_indices", "is_binary", "margin", "margin_spec"]
 
 
 def check_scores(scores: object) -> Tensor:
@@ -173,3 +173,23 @@ def margin(scores: Tensor, labels: Tensor) -> Tensor:
     true = scores.gather(1, indices[:, None])[:, 0]
     others = scores.scatter(1, indices[:, None], float("-inf"))
     return true - others.amax(dim=1)
+
+
+def margin_spec(scores: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """The rows $C$ (N, R, M) whose products $C f$ with the scores are the margins.
+
+    Multiclass scores (N, C): the $C - 1$ rows $e_y - e_j$, $j \ne y$, in the order
+    of $j$; binary scores: one row, the label's sign $s$ (the margin $s f$). The
+    labels are read as in Note [Label conventions]; ``dtype`` is the rows' dtype.
+    """
+    n = scores.shape[0]
+    device = scores.device
+    if is_binary(scores):
+        signs = binary_signs(labels).to(device=device, dtype=dtype)
+        return signs.reshape(n, 1, 1)
+    classes = scores.shape[1]
+    true = class_indices(labels, classes).to(device)
+    eye = torch.eye(classes, dtype=dtype, device=device)
+    every = torch.arange(classes, device=device).expand(n, classes)
+    others = every[every != true[:, None]].reshape(n, classes - 1)
+    return eye[true].unsqueeze(1) - eye[others]  # rows e_y - e_j, j != y

@@ -3,6 +3,7 @@
 from lipnets.nn.activations import FullSort, GroupSort, MaxMin
 from lipnets.nn.bcop import BCOPConv2d
 from lipnets.nn.cayley_conv import CayleyConv2d, FrequencyConv2d
+from lipnets.nn.grafted import GraftedReLU
 from lipnets.nn.linear import BjorckLinear, CayleyLinear
 from lipnets.nn.pooling import InvertibleDownsample, L2NormPool2d
 
@@ -13,6 +14,7 @@ __all__ = [
     "CayleyLinear",
     "FrequencyConv2d",
     "FullSort",
+    "GraftedReLU",
     "GroupSort",
     "InvertibleDownsample",
     "L2NormPool2d",

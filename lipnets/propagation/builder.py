@@ -43,6 +43,7 @@ from lipnets.propagation.nonlinear import (
     convert_maxmin,
     function_params,
 )
+from lipnets.propagation.ops_affine import held
 from lipnets.propagation.rules import propagation_rule
 
 __all__ = ["Builder", "Lazy"]
@@ -136,7 +137,7 @@ class Builder:
                 f"the model returns {type(value).__name__}; bound propagation needs a model "
                 "that returns one tensor"
             )
-        return Graph(self.nodes, None, value.detach(), evaluate(self.nodes, self.x))
+        return Graph(self.nodes, None, held(value), evaluate(self.nodes, self.x))
 
     def run_concrete(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         if node.op == "call_module":
@@ -149,7 +150,10 @@ class Builder:
         args = fx.node.map_arg(node.args, self.const)
         kwargs = fx.node.map_arg(node.kwargs, self.const)
         deps = [a for a in flat_nodes((node.args, node.kwargs)) if a in self.rep]
-        with torch.no_grad():
+        # Constants (a weight computed in forward) keep their autograd graph when bounds are
+        # differentiable; the model's own values on the batch never need one (Note
+        # [Differentiable bounds] in lipnets.propagation.checks).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not deps):
             self.value[node] = self.run_concrete(node, args, kwargs)
         if not deps or self.is_meta(node):
             return
@@ -340,7 +344,7 @@ class Builder:
         if isinstance(value, Tensor):
             if value.is_complex():
                 raise self.no_rule(node, f"it uses a constant of dtype {value.dtype}")
-            value = torch.broadcast_to(value.detach().to(out.dtype), out.shape)
+            value = torch.broadcast_to(held(value).to(out.dtype), out.shape)
             if not bool(torch.isfinite(value).all()):
                 raise self.no_rule(node, "a constant operand is not finite")
             return value
@@ -451,7 +455,7 @@ class Builder:
             raise self.no_rule(node, "it indexes with an input-dependent index")
         with torch.no_grad():
             codes = self.run_concrete(node, code_args, code_kwargs)
-            zero = self.run_concrete(node, zero_args, zero_kwargs)
+        zero = self.run_concrete(node, zero_args, zero_kwargs)  # constants: differentiable
         if not _is_tensor_tree(codes):
             raise self.no_rule(node, "its result is not a tensor or a tuple of tensors")
         return Lazy(codes, zero)
@@ -510,7 +514,7 @@ class Builder:
         local = torch.full_like(src0, -1)
         for k, i in enumerate(inputs):
             local[src0 == i] = k
-        zero_flat = zero.detach().reshape(n, -1).to(self.x.dtype)
+        zero_flat = held(zero).reshape(n, -1).to(self.x.dtype)
         if bool((zero_flat[finite] != 0).any()):
             raise UnboundedModuleError(
                 f"{where} has no propagation rule: it is not a pure rearrangement of entries"

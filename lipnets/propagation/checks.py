@@ -4,6 +4,38 @@
 `local_lipschitz` and the certification functions all read a model, a batch,
 a radius, a norm and an optional specification the same way, with the same
 errors; `session` is the context they evaluate the model in.
+
+# Note [Differentiable bounds]
+
+Bounds are functions of the model's parameters too: certified training
+(`lipnets.certify.training`) minimises a loss of the lower bounds of the
+margins, so it needs their gradients with respect to the parameters, through
+the same propagation code that certifies. ``session(model, grad=True)`` keeps
+autograd on (the model is still evaluated in eval mode), and the propagation
+ops then hold the model's realised weights as they are, still connected to
+the parameters (``module.weight`` of a parametrized layer is recomputed from
+the raw parameters with its graph): weights, biases, constant coefficients and
+measured kernels are taken by `lipnets.propagation.ops_affine.held`, which
+detaches them only without autograd, and the adjoints that autograd computes
+(convolutions with string or non-zero padding, pooling:
+`lipnets.propagation.ops_affine.vjp`) are built with ``create_graph``, so they
+are differentiable in their coefficients and weights. Without ``grad``
+everything runs under ``torch.no_grad()`` on detached tensors, as before. The
+two modes compute the same operations with the same kernels, so the bounds are
+equal to the bit: where a kernel's path depends on whether an operand requires
+grad (``torch.matmul`` of a stride-0 batch), the op picks it explicitly
+(`lipnets.propagation.ops_affine.rows_matmul`). Only what never carries a
+parameter is computed without autograd in both modes: the model's own values
+on the batch (the builder's
+concrete pass over input-dependent nodes), the codes of index operations, and
+the faithfulness checks of the graph against the model
+(`lipnets.propagation.graph`). The input ``x``, the radius and the
+specification are detached: the gradients are with respect to the parameters.
+Piecewise-linear relaxations (a ReLU's slopes switch when its interval's ends
+change sign, intersections pick one bound) make the bounds piecewise smooth in
+the parameters: the gradient is exact away from the switching points, which
+is what `torch.autograd.gradcheck` checks in float64 on a tiny model
+(tests/certify/test_certified_training.py).
 """
 
 from __future__ import annotations
@@ -96,7 +128,16 @@ def check_spec(spec: object, n: int, m: int, dtype: torch.dtype, device) -> Tens
 
 
 @contextmanager
-def session(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd; each submodule's mode and every buffer restored after."""
-    with eval_mode(model), restored_buffers(model), torch.no_grad():
-        yield
+def session(model: nn.Module, *, grad: bool = False) -> Iterator[None]:
+    """Eval mode, each submodule's mode and every buffer restored after; no autograd unless
+    ``grad`` (Note [Differentiable bounds]).
+
+    With ``grad=True`` the caller's autograd mode is kept: inside ``torch.no_grad()`` the
+    bounds are computed the same way and are simply not differentiable.
+    """
+    with eval_mode(model), restored_buffers(model):
+        if grad:
+            yield
+        else:
+            with torch.no_grad():
+                yield

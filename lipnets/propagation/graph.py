@@ -140,7 +140,7 @@ def _check_on_balls(
                     dtype=x.dtype, device=x.device,
                 )  # fmt: skip
         points = x + r * step
-        with torch.no_grad():
+        with torch.no_grad():  # a check: no autograd graph, even for differentiable bounds
             reference = traced.model(points.clone())
-        out = evaluate(graph.nodes, points)[graph.output]
+            out = evaluate(graph.nodes, points)[graph.output]
         compare(out, reference, traced.name, "at points of the balls")

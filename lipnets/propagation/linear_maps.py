@@ -41,7 +41,7 @@ from lipnets.functional import linear_maps as LM
 from lipnets.functional.norms import spectral_norm_bound
 from lipnets.graph import OpSpec, flat_nodes
 from lipnets.graph import linear_maps as GM
-from lipnets.propagation.ops_affine import Affine
+from lipnets.propagation.ops_affine import Affine, held
 from lipnets.propagation.rules import register_propagation
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class ConvTranspose(Affine):
 
     def __init__(self, in_shape, out_shape, module, weight: Tensor, bias: Tensor | None):
         super().__init__(in_shape, out_shape, module)
-        self.weight = weight.detach()
+        self.weight = held(weight)
         self.dtype, self.device = self.weight.dtype, self.weight.device
         n = len(in_shape) - 1
         m = module
@@ -158,7 +158,7 @@ class ConvTranspose(Affine):
                 strict=True,
             )
         )  # fmt: skip
-        self.b_view = None if bias is None else bias.detach().reshape(-1, *([1] * n))
+        self.b_view = None if bias is None else held(bias).reshape(-1, *([1] * n))
 
     def _transpose(self, x: Tensor, weight: Tensor) -> Tensor:
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.n - 1]

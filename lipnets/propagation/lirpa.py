@@ -83,6 +83,7 @@ def interval_bounds(
     *,
     norm: float | str,
     spec: Tensor | None = None,
+    differentiable: bool = False,
 ) -> Bounds:
     r"""Bounds of a model's outputs over norm balls by interval bound propagation (IBP).
 
@@ -110,6 +111,9 @@ def interval_bounds(
             is one (Note [Specification folded into the last affine layer]), as
             CROWN-IBP does, and intersected with interval arithmetic on the output
             bounds.
+        differentiable: keep autograd on, so that the bounds are differentiable with
+            respect to the model's parameters (certified training,
+            `lipnets.certify.training`); the values are the same.
 
     Returns:
         `Bounds` ``(lower, upper)``, each shaped
@@ -141,7 +145,7 @@ def interval_bounds(
         Gowal, S. et al. (2018). On the effectiveness of interval bound
         propagation for training verifiably robust models. arXiv:1810.12715.
     """
-    return _bounds(model, x, eps, norm, spec, crown=False)
+    return _bounds(model, x, eps, norm, spec, "ibp", differentiable)
 
 
 def crown_bounds(
@@ -151,6 +155,9 @@ def crown_bounds(
     *,
     norm: float | str,
     spec: Tensor | None = None,
+    optimize: bool | int = False,
+    lr: float = 0.5,
+    differentiable: bool = False,
 ) -> Bounds:
     r"""Bounds of a model's outputs over norm balls by backward linear relaxation (CROWN).
 
@@ -202,6 +209,13 @@ def crown_bounds(
             then for the $R$ linear functions $C f(x)$, such as the margins
             $f_y - f_j$, computed directly (tighter than combining the output
             bounds, which they are also intersected with).
+        optimize: α-CROWN (Note [α-CROWN] in `lipnets.propagation.alpha`): ``True`` for
+            20 steps of Adam on the lower slopes of the unstable ReLUs (those of
+            comparators and LeakyReLUs included), an integer for that many steps;
+            ``False`` or 0 for plain CROWN. The result is never looser than CROWN.
+        lr: Adam's learning rate for ``optimize`` (decayed by 0.98 per step).
+        differentiable: keep autograd on, so that the bounds are differentiable with
+            respect to the model's parameters (not with ``optimize``).
 
     Returns:
         `Bounds` ``(lower, upper)``, each shaped
@@ -243,7 +257,8 @@ def crown_bounds(
         Xu, K. et al. (2020). Automatic perturbation analysis for scalable
         certified robustness and beyond. *NeurIPS* (auto_LiRPA).
     """
-    return _bounds(model, x, eps, norm, spec, crown=True)
+    steps = check_steps(optimize, lr, differentiable)
+    return _bounds(model, x, eps, norm, spec, "crown", differentiable, steps, lr)
 
 
 def spec_interval(spec: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
@@ -255,11 +270,23 @@ def spec_interval(spec: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, T
 
 
 def _bounds(
-    model: nn.Module, x: Tensor, eps: object, norm: object, spec: Tensor | None, crown: bool
+    model: nn.Module,
+    x: Tensor,
+    eps: object,
+    norm: object,
+    spec: Tensor | None,
+    mode: str,
+    differentiable: bool = False,
+    steps: int = 0,
+    lr: float = 0.5,
 ) -> Bounds:
+    """The bounds of ``mode`` "ibp", "crown-ibp" (IBP intermediate bounds, a CROWN pass from
+    the output) or "crown" (``steps`` > 0: then optimised, Note [α-CROWN])."""
+    if not isinstance(differentiable, bool):
+        raise TypeError(f"differentiable must be True or False, got {differentiable!r}")
     q = check_norm(norm)
     x, radius = check_args(model, x, eps)
-    with session(model):
+    with session(model, grad=True) if differentiable else session(model):
         graph = build(model, x, radius, q)
         n = x.shape[0]
         out_shape = graph.output_value.shape
@@ -273,9 +300,13 @@ def _bounds(
             lo, up = spec_interval(matrix, flat, flat)
             return Bounds(lo, up)
         out = graph.output
+        crown = mode != "ibp"
         # Note [Relaxation variants] in lipnets.propagation.propagator: one pass per variant
         variants = max((getattr(nd.op, "variants", 1) for nd in graph.nodes), default=1)
-        props = [Propagator(graph, x, radius, q, crown, v) for v in range(variants if crown else 1)]
+        props = [
+            Propagator(graph, x, radius, q, crown, v, tighten=mode == "crown")
+            for v in range(variants if crown else 1)
+        ]
         lo = up = s_lo = s_up = None
         for prop in props:
             prop.run()
@@ -293,16 +324,45 @@ def _bounds(
             if crown:
                 s_lo, s_up = _meet(s_lo, s_up, *prop.linear_bounds(out, matrix))
         assert lo is not None and up is not None
-        if crown:
+        if mode == "crown":
             # Plain IBP too: in floating point the tightened intervals can round a hair
             # outside IBP's (Note [CROWN never looser than IBP]).
             ibp = Propagator(graph, x, radius, q, crown=False).run()
             lo, up = _meet(lo, up, ibp.lows[out].reshape(n, -1), ibp.ups[out].reshape(n, -1))
+        if steps:  # Note [α-CROWN] in lipnets.propagation.alpha
+            from lipnets.propagation.alpha import optimized_bounds
+
+            rows = torch.eye(m, dtype=x.dtype, device=x.device).expand(n, m, m)
+            a_lo, a_up, _ = optimized_bounds(
+                props, out, rows if matrix is None else matrix, steps, lr
+            )
+            if matrix is None:
+                lo, up = _meet(lo, up, a_lo, a_up)
+            else:
+                s_lo, s_up = _meet(s_lo, s_up, a_lo, a_up)
         if matrix is None:
             return _finite_or_infinite(lo.reshape(out_shape), up.reshape(out_shape))
         s_lo, s_up = _meet(s_lo, s_up, *spec_interval(matrix, lo, up))
         assert s_lo is not None and s_up is not None
         return _finite_or_infinite(s_lo, s_up)
+
+
+def check_steps(optimize: object, lr: object, differentiable: object) -> int:
+    """The number of α-CROWN steps from ``optimize``, with ``lr`` checked."""
+    if isinstance(optimize, bool):
+        steps = 20 if optimize else 0
+    elif isinstance(optimize, int) and optimize >= 0:
+        steps = optimize
+    else:
+        raise ValueError(
+            f"optimize must be True, False or a number of steps >= 0, got {optimize!r}"
+        )
+    if steps:
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if differentiable:
+            raise ValueError("optimize and differentiable=True cannot be combined")
+    return steps
 
 
 def _meet(

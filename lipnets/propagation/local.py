@@ -36,7 +36,10 @@ Constants, each a one-line proof:
   batch norm is diagonal, so it is the largest $|s_i|$ over $R_c \wedge V_v$;
 * ReLU: $P_{R} \delta r = D P_{R \wedge \neg\text{inactive}} \delta u$ with
   $D$ diagonal in $[0, 1]$, and $R \wedge \neg\text{inactive} \subseteq R_u$,
-  so $K_r = K_u$;
+  so $K_r = K_u$; a `GraftedReLU` has $D_{ii} = a_i$ on its grafted entries, so
+  $K_r = s K_u$ with $s$ the largest $|D_{ii}|$ over its entries that are not
+  constant on the ball (Note [Grafted neurons in propagation] in
+  `lipnets.propagation.ops_grafted`);
 * sum $\sum_k a_k x_k$: $K = \sum_k \max|a_k| K_k$ (as $R_c \subseteq
   R_{x_k}$); `Gather`: $K = \sqrt{\sum_k m_k K_k^2}$, $m_k$ the most times an
   entry of input $k$ is picked; mean/sum over $n$ entries: $K / \sqrt{n}$ /
@@ -70,6 +73,7 @@ from lipnets.functional.norms import spectral_norm_bound
 from lipnets.propagation import _ops
 from lipnets.propagation.checks import check_args, check_norm, session
 from lipnets.propagation.graph import Graph, build
+from lipnets.propagation.ops_grafted import Grafted
 from lipnets.propagation.propagator import Propagator
 
 __all__ = ["local_lipschitz"]
@@ -159,6 +163,9 @@ def _compose(graph: Graph, prop: Propagator) -> Tensor:
     for node in nodes:
         if isinstance(node.op, _ops.ReLU):
             lo, up = prop.lows[node.inputs[0]], prop.ups[node.inputs[0]]
+            if isinstance(node.op, Grafted):  # Note [Grafted neurons in propagation]
+                inactive[node.index] = node.op.inactive(lo, up)
+                continue
             # Off on the ball, with room for the rounding of the computed bound.
             slack = math.sqrt(torch.finfo(up.dtype).eps) * (1 + lo.abs() + up.abs())
             inactive[node.index] = up <= -slack
@@ -212,6 +219,10 @@ def _compose(graph: Graph, prop: Propagator) -> Tensor:
         ks = [consts[i] for i in node.inputs]
         if op is None:
             k: Tensor | float = 1.0
+        elif isinstance(op, Grafted):  # slopes a_i on grafted entries, in [0, 1] elsewhere
+            i = node.inputs[0]
+            s = op.local_slope(prop.lows[i], prop.ups[i])
+            k = torch.where(s == 1, ks[0], mul_up(ks[0], s))  # k * 1 is exact
         elif isinstance(op, (_ops.ReLU, _ops.Compare)):
             k = ks[0]  # a ReLU's slopes are in [0, 1]; a comparator layer is 1-Lipschitz
         elif isinstance(op, _ops.Affine):

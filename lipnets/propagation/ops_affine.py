@@ -38,6 +38,54 @@ from lipnets.propagation.ops_base import Coeffs, Op, _bias_term, _rows
 __all__: list[str] = []
 
 
+def held(t: Tensor) -> Tensor:
+    """A weight, bias or coefficient as an op holds it: as it is under autograd
+    (differentiable bounds, Note [Differentiable bounds] in `lipnets.propagation.checks`),
+    detached otherwise.
+
+    Detached without autograd because kernels may take another path for a tensor that
+    requires grad (``a @ w`` with a stride-0 ``a`` folds into one matrix product only
+    then), which would change the last bits of the bounds.
+    """
+    return t if torch.is_grad_enabled() else t.detach()
+
+
+def rows_matmul(a: Tensor, w: Tensor) -> Tensor:
+    """``a @ w`` for coefficients ``a`` (..., K, M) and a matrix (M, P) or vector (M,) ``w``,
+    computed by the same kernels whether ``w`` requires grad or not.
+
+    ``torch.matmul`` folds a batch ``a`` whose leading dimensions cannot be merged without
+    a copy (a stride-0 specification expanded over the batch) into one matrix product
+    when ``w`` requires grad, and runs a batched product otherwise; the two round
+    differently. Here the batched product is used in both cases, so differentiable bounds
+    equal the others to the bit (Note [Differentiable bounds] in
+    `lipnets.propagation.checks`).
+    """
+    mergeable = all(a.stride(i) == a.stride(i + 1) * a.shape[i + 1] for i in range(a.ndim - 2))
+    if not w.requires_grad or mergeable or a.ndim < 3:
+        return a @ w
+    batch = a.reshape(-1, *a.shape[-2:])
+    matrix = w if w.ndim == 2 else w.unsqueeze(-1)
+    out = torch.bmm(batch, matrix.expand(batch.shape[0], *matrix.shape))
+    out = out.reshape(*a.shape[:-1], matrix.shape[-1])
+    return out if w.ndim == 2 else out.squeeze(-1)
+
+
+def vjp(function, in_shape: torch.Size, a: Tensor) -> Tensor:
+    """$J^\top a$ for a linear ``function`` of inputs (B, *in_shape), by autograd at zero.
+
+    Under autograd (differentiable bounds, Note [Differentiable bounds] in
+    `lipnets.propagation.checks`) the product is built with ``create_graph``, so it is
+    differentiable in ``a`` and in the tensors ``function`` reads; otherwise it is a
+    constant, as before.
+    """
+    differentiable = torch.is_grad_enabled()
+    with torch.enable_grad():
+        z = a.new_zeros((a.shape[0], *in_shape), requires_grad=True)
+        (g,) = torch.autograd.grad(function(z), z, a, create_graph=differentiable)
+    return g
+
+
 class Affine(Op):
     """$y = W x + b$ for one input; subclasses give $W$, $|W|$, $W^\\top$ and $b$."""
 
@@ -118,8 +166,8 @@ class Linear(Affine):
 
     def __init__(self, in_shape, out_shape, module, weight: Tensor, bias: Tensor | None):
         super().__init__(in_shape, out_shape, module)
-        self.weight = weight.detach()
-        self.b = None if bias is None else bias.detach()
+        self.weight = held(weight)
+        self.b = None if bias is None else held(bias)
         self.dtype, self.device = self.weight.dtype, self.weight.device
 
     def linear(self, x: Tensor) -> Tensor:
@@ -137,9 +185,9 @@ class Linear(Affine):
     def backward(self, a: Tensor) -> Coeffs:
         bias = None
         if self.b is not None:
-            bias = a @ self.b  # (N, K, *S_out[:-1])
+            bias = rows_matmul(a, self.b)  # (N, K, *S_out[:-1])
             bias = bias.flatten(2).sum(-1) if bias.ndim > 2 else bias
-        return [a @ self.weight], bias
+        return [rows_matmul(a, self.weight)], bias
 
     def row_norms(self) -> Tensor | None:
         return torch.linalg.vector_norm(self.weight, dim=1)
@@ -155,8 +203,8 @@ class Conv(Affine):
 
     def __init__(self, in_shape, out_shape, module, weight: Tensor, bias: Tensor | None):
         super().__init__(in_shape, out_shape, module)
-        self.weight = weight.detach()
-        self.b = None if bias is None else bias.detach()
+        self.weight = held(weight)
+        self.b = None if bias is None else held(bias)
         self.dtype, self.device = self.weight.dtype, self.weight.device
         spatial = len(in_shape) - 1
         self.b_view = None if self.b is None else self.b.reshape(-1, *([1] * spatial))
@@ -174,10 +222,7 @@ class Conv(Affine):
         m = self.module
         assert m is not None
         if isinstance(m.padding, str):  # "same"/"valid": let autograd find torch's padding
-            with torch.enable_grad():
-                z = a.new_zeros((a.shape[0], *self.in_shapes[0]), requires_grad=True)
-                (g,) = torch.autograd.grad(self._conv(z, self.weight), z, a)
-            return g
+            return vjp(lambda z: self._conv(z, self.weight), self.in_shapes[0], a)
         # The adjoint of a convolution is the transposed convolution, with the output
         # padding that restores the input size; other padding modes pad first, so
         # their adjoint folds the padded border back (the adjoint of F.pad).
@@ -198,11 +243,8 @@ class Conv(Affine):
         g = transpose(a, self.weight, None, m.stride, padding, extra, m.groups, m.dilation)
         if zeros:
             return g
-        with torch.enable_grad():
-            z = a.new_zeros((a.shape[0], *self.in_shapes[0]), requires_grad=True)
-            padded = F.pad(z, m._reversed_padding_repeated_twice, mode=m.padding_mode)
-            (g,) = torch.autograd.grad(padded, z, g)
-        return g
+        pads, mode = m._reversed_padding_repeated_twice, m.padding_mode
+        return vjp(lambda z: F.pad(z, pads, mode=mode), self.in_shapes[0], g)
 
     def bias(self) -> Tensor | None:
         return self.b_view
@@ -226,8 +268,8 @@ class BatchNorm(Affine):
     def __init__(self, in_shape, out_shape, module, scale: Tensor, shift: Tensor):
         super().__init__(in_shape, out_shape, module)
         view = (-1, *([1] * (len(in_shape) - 1)))
-        self.scale = scale.detach().reshape(view)
-        self.shift = shift.detach().reshape(view)
+        self.scale = held(scale).reshape(view)
+        self.shift = held(shift).reshape(view)
         self.dtype, self.device = self.scale.dtype, self.scale.device
 
     def linear(self, x: Tensor) -> Tensor:
@@ -274,12 +316,7 @@ class ModuleLinear(Affine):
         return self.linear(r)
 
     def adjoint(self, a: Tensor) -> Tensor:
-        with torch.enable_grad():
-            z = torch.zeros(
-                (a.shape[0], *self.in_shapes[0]), dtype=a.dtype, device=a.device, requires_grad=True
-            )
-            (g,) = torch.autograd.grad(self.apply(z), z, a)
-        return g
+        return vjp(self.apply, self.in_shapes[0], a)
 
     def bias(self) -> Tensor | None:
         return self.b
@@ -299,13 +336,13 @@ class CircularConv(Affine):
 
     def __init__(self, in_shape, out_shape, module, kernel: Tensor, bias: Tensor | None, stride):
         super().__init__(in_shape, out_shape, module)
-        self.kernel = kernel.detach()
+        self.kernel = held(kernel)
         self.stride = stride
         self.dtype, self.device = kernel.dtype, kernel.device
         self.size = tuple(kernel.shape[-2:])
         self.spectrum = torch.fft.rfft2(self.kernel)
         self.abs_spectrum = torch.fft.rfft2(self.kernel.abs())
-        self.b = None if bias is None else bias.detach().to(kernel.dtype).reshape(-1, 1, 1)
+        self.b = None if bias is None else held(bias).to(kernel.dtype).reshape(-1, 1, 1)
 
     def _fold(self, x: Tensor) -> Tensor:
         return space_to_depth(x, self.stride) if self.stride > 1 else x

@@ -59,6 +59,24 @@ auto_LiRPA's on these ops:
 A network whose ops have one relaxation each (ReLU, the comparators, max pooling) gets
 one pass, as before.
 
+# Note [Split constraints]
+
+Branch and bound (`lipnets.verify`) splits the ball into the parts where an unstable
+ReLU's input $z_i$ is $\ge 0$ and where it is $\le 0$. A Propagator bounds such a part when
+given ``splits``: for some nodes, per-entry clips (a lower clip 0 where $z_i \ge 0$ is
+assumed, $-\infty$ elsewhere; an upper clip 0 where $z_i \le 0$ is assumed, $+\infty$
+elsewhere) intersected with the node's interval as soon as it is computed, before
+anything reads it. Every bound that follows is then a bound over the points of the ball
+that satisfy the constraints: the intervals are valid there (a valid interval intersected
+with a constraint that holds there), so are the relaxations built on them, and so are the
+backward passes. A part whose clipped interval is empty somewhere ($l > u$) holds no point
+of the ball, and any bound is valid on it. The constraints are not otherwise used (the
+minimum of a backward pass's linear function is taken over the whole ball), which is
+what β-CROWN's Lagrangian terms add (``split_term``). A constraint on the input itself
+(node 0: an input domain such as pixels in $[0, 1]$) also bounds the backward passes:
+their linear functions are then minimised over the box of the input's interval as well
+as over the ball, and the larger minimum is kept.
+
 # Note [IBP over an l2 ball]
 
 Intervals are boxes. The smallest box around the l2 ball is the l-infinity
@@ -100,9 +118,22 @@ class Propagator:
     """
 
     def __init__(
-        self, graph: Graph, x: Tensor, eps: Tensor, norm: float, crown: bool, variant: int = 0
+        self,
+        graph: Graph,
+        x: Tensor,
+        eps: Tensor,
+        norm: float,
+        crown: bool,
+        variant: int = 0,
+        *,
+        tighten: bool = True,
+        splits: dict[int, tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         self.graph = graph
+        self.tightens = crown and tighten  # CROWN-IBP: relaxations, but IBP intermediate bounds
+        self.splits = {} if splits is None else splits  # Note [Split constraints]
+        self.kept: dict[int, Tensor] = {}  # coefficients kept by a backward pass (``keep``)
+        self.kept_bias: Tensor | None = None
         self.variant = variant  # Note [Relaxation variants]
         self.nodes = graph.nodes
         self.x = x
@@ -125,16 +156,36 @@ class Propagator:
 
     def run(self) -> Propagator:
         for node in self.nodes:
-            lo, up = self.interval(node)
+            lo, up = self.restrict(node.index, *self.interval(node))
             self.lows.append(lo)
             self.ups.append(up)
-            if self.crown and node.index in self.pre and node.index not in self.exact:
+            if self.tightens and node.index in self.pre and node.index not in self.exact:
                 self.tighten(node.index)
             if isinstance(node.op, _ops.Elementwise) and self.crown:
                 i = node.inputs[0]
                 relax = node.op.relaxation
                 self.relax[node.index] = relax(self.lows[i], self.ups[i], self.variant)
         return self
+
+    def restrict(self, index: int, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        """A node's interval intersected with its split constraints (Note [Split constraints])."""
+        if index in self.splits:
+            clip_lo, clip_up = self.splits[index]
+            lo, up = torch.fmax(lo, clip_lo), torch.fmin(up, clip_up)
+        return lo, up
+
+    def unstable(self, index: int, flat_lo: Tensor, flat_up: Tensor) -> Tensor:
+        """The entries (N, size) of a node that CROWN tightens: inexact for a consumer."""
+        consumers = self.pre[index]
+        unstable = consumers[0].inexact(flat_lo, flat_up)
+        for op in consumers[1:]:
+            unstable = unstable | op.inexact(flat_lo, flat_up)
+        return unstable
+
+    def slopes(self, key: object, index: int, slope_lo: Tensor, rows: int) -> Tensor:
+        """The lower slopes (N, 1 or K, *S) of an elementwise node for the ``rows`` of the
+        backward pass ``key``: the relaxation's (α-CROWN overrides this)."""
+        return slope_lo.unsqueeze(1)
 
     def interval(self, node) -> tuple[Tensor, Tensor]:
         op = node.op
@@ -166,11 +217,8 @@ class Propagator:
         """Intersect an elementwise node's input interval with CROWN bounds on its inexact
         entries (Note [Elementwise operations in the backward pass])."""
         lo, up = self.lows[index], self.ups[index]
-        flat_lo, flat_up = lo.reshape(self.n, -1).clone(), up.reshape(self.n, -1).clone()
-        consumers = self.pre[index]
-        unstable = consumers[0].inexact(flat_lo, flat_up)
-        for op in consumers[1:]:
-            unstable = unstable | op.inexact(flat_lo, flat_up)
+        flat_lo, flat_up = lo.reshape(self.n, -1), up.reshape(self.n, -1)
+        unstable = self.unstable(index, flat_lo, flat_up)
         counts = unstable.sum(1)
         most = int(counts.max())
         if most == 0:
@@ -194,9 +242,13 @@ class Propagator:
             node = self.nodes[index]
             if matrix is not None:
                 # One-hot rows through an affine node are rows of its matrix (and bias).
-                rows = matrix.new_empty((self.n, 2 * k, matrix.shape[1]))
-                torch.mul(matrix[sel], unit.unsqueeze(2), out=rows[:, :k])
-                torch.neg(rows[:, :k], out=rows[:, k:])
+                if matrix.requires_grad:  # differentiable bounds: no writes into out=
+                    half = matrix[sel] * unit.unsqueeze(2)
+                    rows = torch.cat([half, -half], 1)
+                else:
+                    rows = matrix.new_empty((self.n, 2 * k, matrix.shape[1]))
+                    torch.mul(matrix[sel], unit.unsqueeze(2), out=rows[:, :k])
+                    torch.neg(rows[:, :k], out=rows[:, k:])
                 rows = rows.reshape(self.n, 2 * k, *node_in)
                 origin, bias = node.inputs[0], None
                 if offset is not None:
@@ -208,16 +260,29 @@ class Propagator:
                 rows[:, k:].scatter_(2, sel.unsqueeze(2), -unit.unsqueeze(2))
                 origin, bias = index, None
                 rows = rows.reshape(self.n, 2 * k, *node.shape)
-            bound = self.backward(origin, rows, bias)
+            bound = self.backward(origin, rows, bias, key=(index, start))
             new_lo, new_up = bound[:, :k], -bound[:, k:]
             cur_lo, cur_up = flat_lo.gather(1, sel), flat_up.gather(1, sel)
-            flat_lo.scatter_(1, sel, torch.where(ok, torch.fmax(cur_lo, new_lo), cur_lo))
-            flat_up.scatter_(1, sel, torch.where(ok, torch.fmin(cur_up, new_up), cur_up))
+            # out of place: autograd (differentiable bounds, α-CROWN) keeps the gathered tensors
+            flat_lo = flat_lo.scatter(1, sel, torch.where(ok, torch.fmax(cur_lo, new_lo), cur_lo))
+            flat_up = flat_up.scatter(1, sel, torch.where(ok, torch.fmin(cur_up, new_up), cur_up))
         self.lows[index] = flat_lo.reshape(lo.shape)
         self.ups[index] = flat_up.reshape(up.shape)
 
-    def backward(self, target: int, rows: Tensor, bias: Tensor | None = None) -> Tensor:
-        """Lower bounds (N, K) of ``rows`` (N, K, *S) applied to a node, plus ``bias``."""
+    def backward(
+        self,
+        target: int,
+        rows: Tensor,
+        bias: Tensor | None = None,
+        key: object = None,
+        keep: bool = False,
+    ) -> Tensor:
+        """Lower bounds (N, K) of ``rows`` (N, K, *S) applied to a node, plus ``bias``.
+
+        ``key`` names the pass for `slopes`; with ``keep`` the coefficients reaching each
+        elementwise node (and the input, index 0) are kept in ``self.kept``, and the
+        constant of the linear function of the input in ``self.kept_bias``.
+        """
         coeffs: dict[int, Tensor] = {target: rows}
         bias = rows.new_zeros(rows.shape[:2]) if bias is None else bias
         at_input: Tensor | None = None
@@ -230,18 +295,22 @@ class Propagator:
             if a is None:
                 continue
             node = self.nodes[i]
+            a, bias = self.split_term(key, i, a, bias)
             if node.op is None:
                 at_input = a
             elif isinstance(node.op, _ops.Elementwise):
                 # Note [Elementwise operations in the backward pass]
+                if keep:
+                    self.kept[i] = a
                 slope_lo, intercept_lo, slope_up, intercept = self.relax[i]
+                slope_lo = self.slopes(key, i, slope_lo, a.shape[1])
                 # pos * slope_lo + neg * slope_up with fewer temporaries (a = pos + neg)
                 neg = a.clamp_max(0)
                 bias = bias + _rowdot(neg, intercept)
                 if intercept_lo is not None:
                     bias = bias + _rowdot(a.clamp_min(0), intercept_lo)
-                a_in = a * slope_lo.unsqueeze(1)
-                a_in.addcmul_(neg, (slope_up - slope_lo).unsqueeze(1))
+                a_in = a * slope_lo
+                a_in.addcmul_(neg, slope_up.unsqueeze(1) - slope_lo)
                 accumulate(node.inputs[0], a_in)
             else:
                 a_ins, b = node.op.backward(a)
@@ -250,27 +319,43 @@ class Propagator:
                 for j, a_j in zip(node.inputs, a_ins, strict=True):
                     if a_j is not None:
                         accumulate(j, a_j)
+        if keep:
+            self.kept_bias = bias  # the constant of the linear function kept
         if at_input is None:
             return bias
+        if keep:
+            self.kept[0] = at_input
         flat = at_input.flatten(2)
         dual = 1.0 if self.norm == math.inf else 2.0
         spread = torch.linalg.vector_norm(flat, ord=dual, dim=-1)
-        return bias + _rowdot(flat, self.x) - self.eps.unsqueeze(1) * spread
+        ball = bias + _rowdot(flat, self.x) - self.eps.unsqueeze(1) * spread
+        if 0 not in self.splits:
+            return ball
+        # the input itself constrained (an input domain, Note [Split constraints]): the
+        # minimum over the box of its interval holds too
+        box = _rowdot(flat.clamp_min(0), self.lows[0]) + _rowdot(flat.clamp_max(0), self.ups[0])
+        return torch.fmax(ball, bias + box)
 
-    def linear_bounds(self, target: int, spec: Tensor) -> tuple[Tensor, Tensor]:
-        """CROWN lower and upper bounds (N, R) of ``spec`` (N, R, M) applied to a node."""
+    def linear_bounds(self, target: int, spec: Tensor, keep: bool = False) -> tuple[Tensor, Tensor]:
+        """CROWN lower and upper bounds (N, R) of ``spec`` (N, R, M) applied to a node
+        (``keep``: see `backward`; one chunk of rows then)."""
         shape = self.nodes[target].shape
         r = spec.shape[1]
-        step = max(1, self.chunk(target) // 2)
+        step = r if keep else max(1, self.chunk(target) // 2)
         lows, ups = [], []
         for start in range(0, r, step):
             part = spec[:, start : start + step]
             rows = torch.cat([part, -part], dim=1).reshape(self.n, -1, *shape)
-            bound = self.backward(target, rows)
+            bound = self.backward(target, rows, key=("spec", start), keep=keep)
             k = part.shape[1]
             lows.append(bound[:, :k])
             ups.append(-bound[:, k:])
         return torch.cat(lows, 1), torch.cat(ups, 1)
+
+    def split_term(self, key: object, index: int, a: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """The coefficients of a split node in a backward pass: unchanged, as clipping alone
+        enforces the splits (β-CROWN adds its Lagrangian terms here)."""
+        return a, bias
 
 
 def _rowdot(a: Tensor, v: Tensor) -> Tensor:

@@ -179,9 +179,11 @@ def _circular_conv(b: Builder, node: fx.Node, module: Any, source: fx.Node) -> i
     folded = torch.zeros((n, n, height // s, width // s), dtype=dtype, device=device)
     folded[torch.arange(n), torch.arange(n), 0, 0] = 1
     impulses = depth_to_space(folded, s) if s > 1 else folded
-    with torch.no_grad():
-        zero = module(torch.zeros((1, *shape), dtype=dtype, device=device))
-        kernel = (module(impulses) - zero).transpose(0, 1).contiguous()
+    # Measured under the caller's autograd mode: differentiable bounds keep the kernel's
+    # graph to the layer's parameters (Note [Differentiable bounds] in
+    # lipnets.propagation.checks).
+    zero = module(torch.zeros((1, *shape), dtype=dtype, device=device))
+    kernel = (module(impulses) - zero).transpose(0, 1).contiguous()
     out_shape = b.value[node].shape[1:]
     op = _ops.CircularConv(shape, out_shape, module, kernel, getattr(module, "bias", None), s)
     with torch.no_grad():

@@ -191,8 +191,8 @@ def test_bad_inputs_get_clear_errors():
         certify_crown(layer, x, y, torch.full((7,), 0.1))
     with pytest.raises(ValueError, match="norm must be 2 or float"):
         certify_crown(layer, x, y, 0.1, norm=1)
-    with pytest.raises(ValueError, match="method must be 'crown' or 'ibp'"):
-        certify_crown(layer, x, y, 0.1, method="alpha-crown")
+    with pytest.raises(ValueError, match="method must be 'crown', 'alpha-crown' or 'ibp'"):
+        certify_crown(layer, x, y, 0.1, method="milp")
     with pytest.raises(TypeError, match="floating-point"):
         certify_crown(layer, x.long(), y, 0.1)
     with pytest.raises(TypeError, match="dtype"):
