@@ -6,8 +6,9 @@ child process. The protocol is one JSON object per line:
 
 * the worker first writes ``{"ready": true, "torch": ..., "auto_LiRPA": ...}``;
 * then, for each line ``{"job": DIR}`` it reads on stdin, it loads
-  ``DIR/job.json`` (the architecture, the ball, the method and optional
-  ``bound_opts`` for ``BoundedModule``) and
+  ``DIR/job.json`` (the architecture, the ball, the method, optional
+  ``bound_opts`` for ``BoundedModule`` and optional ``bound_lower`` /
+  ``bound_upper`` for ``compute_bounds``) and
   ``DIR/tensors.pt`` (``state``: the state dict, ``x``: the centres, ``C``:
   an optional specification), computes the bounds with auto_LiRPA, saves
   ``{"lower", "upper"}`` to ``DIR/bounds.pt`` and answers
@@ -18,6 +19,15 @@ Everything auto_LiRPA prints goes to stderr, which keeps stdout for the
 protocol. The architecture description and `build_model` are shared with the
 lipnets side, which imports this module (auto_LiRPA is only imported by
 `main`), so both processes build the same ``nn.Sequential``.
+
+Two layer types exist for the α-CROWN panel (`benchmarks/alpha_crown.py`):
+``{"type": "residual", "body": [...]}`` is ``x + body(x)``, and
+``{"type": "maxmin", "width": W}`` is lipnets' MaxMin on ``(N, W)`` (the max,
+then the min, of each adjacent pair). auto_LiRPA has no MaxMin, so here it is
+the same function in ops it bounds, `ReluMaxMin`: with ``d = relu(x_{2i} -
+x_{2i+1})``, ``max = x_{2i+1} + d`` and ``min = x_{2i} - d``, as two constant
+matrices around one ReLU; the lipnets side passes ``lipnets.nn.MaxMin`` to
+`build_model` instead, and checks that the two agree.
 """
 
 from __future__ import annotations
@@ -35,12 +45,56 @@ from torch import nn
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 
 
-def build_model(arch: list[dict], gelu: type[nn.Module] = nn.GELU) -> nn.Sequential:
+class ReluMaxMin(nn.Module):
+    """MaxMin on ``(N, width)`` in plain torch ops: ``P x + S relu(D x)`` (module docstring)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        if width % 2:
+            raise ValueError(f"maxmin width must be even, got {width}")
+        half = width // 2
+        diff = torch.zeros(half, width)  # d_i = x_{2i} - x_{2i+1}
+        swap = torch.zeros(width, width)  # (P x)_{2i} = x_{2i+1}, (P x)_{2i+1} = x_{2i}
+        spread = torch.zeros(width, half)  # +d_i at 2i (the max), -d_i at 2i + 1 (the min)
+        for i in range(half):
+            diff[i, 2 * i], diff[i, 2 * i + 1] = 1.0, -1.0
+            swap[2 * i, 2 * i + 1] = swap[2 * i + 1, 2 * i] = 1.0
+            spread[2 * i, i], spread[2 * i + 1, i] = 1.0, -1.0
+        # Not in the state dict, so both sides share one.
+        self.register_buffer("diff", diff, persistent=False)
+        self.register_buffer("swap", swap, persistent=False)
+        self.register_buffer("spread", spread, persistent=False)
+
+    def forward(self, x):
+        d = torch.relu(nn.functional.linear(x, self.diff))
+        return nn.functional.linear(x, self.swap) + nn.functional.linear(d, self.spread)
+
+
+class Residual(nn.Module):
+    """``x + body(x)``."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def build_model(
+    arch: list[dict], gelu: type[nn.Module] = nn.GELU, maxmin=ReluMaxMin
+) -> nn.Sequential:
     """The ``nn.Sequential`` described by ``arch`` (float64, default initialisation).
 
     ``gelu`` replaces ``nn.GELU`` (auto_LiRPA needs its own marker op for it);
-    it must compute the same function and have no parameters.
+    it must compute the same function and have no parameters. ``maxmin(width)``
+    builds a ``maxmin`` layer (`ReluMaxMin` by default; the lipnets side passes
+    ``lambda width: lipnets.nn.MaxMin()``); it must have no state-dict entries.
     """
+    return nn.Sequential(*_layers(arch, gelu, maxmin)).double()
+
+
+def _layers(arch: list[dict], gelu, maxmin) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for spec in arch:
         kind = spec["type"]
@@ -70,9 +124,13 @@ def build_model(arch: list[dict], gelu: type[nn.Module] = nn.GELU) -> nn.Sequent
             layers.append(nn.Sigmoid())
         elif kind == "gelu":
             layers.append(gelu())
+        elif kind == "maxmin":
+            layers.append(maxmin(spec["width"]))
+        elif kind == "residual":
+            layers.append(Residual(nn.Sequential(*_layers(spec["body"], gelu, maxmin))))
         else:
             raise ValueError(f"unknown layer type {kind!r}")
-    return nn.Sequential(*layers).double()
+    return layers
 
 
 def _gelu_module() -> type[nn.Module]:
@@ -109,12 +167,17 @@ def _run(job_dir: str) -> float:
     start = time.perf_counter()
     bounded = BoundedModule(model, x, bound_opts=job.get("bound_opts"), device="cpu", verbose=False)
     ptb = PerturbationLpNorm(norm=norm, eps=float(job["eps"]))
-    lower, upper = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=spec, method=job["method"])
-    seconds = time.perf_counter() - start
-    torch.save(
-        {"lower": lower.detach().clone(), "upper": upper.detach().clone()},
-        os.path.join(job_dir, "bounds.pt"),
+    lower, upper = bounded.compute_bounds(
+        x=(BoundedTensor(x, ptb),),
+        C=spec,
+        method=job["method"],
+        bound_lower=job.get("bound_lower", True),
+        bound_upper=job.get("bound_upper", True),
     )
+    seconds = time.perf_counter() - start
+    pairs = (("lower", lower), ("upper", upper))
+    saved = {k: v.detach().clone() for k, v in pairs if v is not None}
+    torch.save(saved, os.path.join(job_dir, "bounds.pt"))
     return seconds
 
 

@@ -175,13 +175,15 @@ class Worker:
             raise SystemExit(f"the auto_LiRPA worker stopped; the end of its log:\n{tail}")
         return json.loads(line)
 
-    def bounds(self, arch, model, x, eps, norm, method, spec=None) -> tuple[dict, dict]:
-        """auto_LiRPA's (lower, upper) as a dict (or an error) and the job's seconds."""
+    def bounds(self, arch, model, x, eps, norm, method, spec=None, **options) -> dict:
+        """auto_LiRPA's lower and upper bounds in a dict (or an error) with the job's seconds;
+        ``options``: ``bound_opts`` for ``BoundedModule``, ``bound_lower`` and ``bound_upper``
+        for ``compute_bounds``."""
         self.count += 1
         job = Path(self.tmp.name) / f"job{self.count}"
         job.mkdir()
         (job / "job.json").write_text(
-            json.dumps({"arch": arch, "eps": eps, "norm": norm, "method": method})
+            json.dumps({"arch": arch, "eps": eps, "norm": norm, "method": method} | options)
         )
         tensors = {"state": model.state_dict(), "x": x}
         if spec is not None:

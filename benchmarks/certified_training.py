@@ -131,8 +131,6 @@ def write_markdown(args, rows: list[dict], jobs) -> None:
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
     lines = [
-        f"# Certified training on digits (l-inf eps = {args.eps:g})",
-        "",
         "Command: `python benchmarks/certified_training.py"
         + (f" --epochs {args.epochs}" if args.epochs != 60 else "")
         + (" --maxmin" if args.maxmin else "")

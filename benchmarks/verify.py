@@ -120,7 +120,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     meta = {
         "command": "python benchmarks/verify.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
             if v is not None and k not in ("markdown", "json")
         ),
         "torch": torch.__version__, "lipnets": lipnets.__version__,
@@ -131,8 +132,6 @@ def main() -> None:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     if args.markdown:
         lines = [
-            "# Branch and bound against CROWN and the exact MILP (digits, l-infinity)",
-            "",
             f"`{meta['command']}` (torch {meta['torch']}, one thread, {args.points} held-out "
             "digits; counts of points verified; BaB seconds and domains per input).",
             "",

@@ -6,7 +6,9 @@ verification must relax them or branch on them) and *insignificant* for the
 task by a learned line $a_i x + b_i$ (`lipnets.nn.GraftedReLU`), then
 fine-tunes. `graft_mask` scores every neuron of every ``nn.ReLU`` module of a
 model on calibration inputs and returns a mask per module; `graft` returns a
-copy of the model with a `GraftedReLU` in place of each masked ``nn.ReLU``.
+copy of the model with a `GraftedReLU` in place of each masked ``nn.ReLU``;
+`finetune` (from `lipnets.graft_train`) is the paper's fine-tuning recipe, and
+`unstable_relus` counts, per input, the ReLUs that CROWN still has to relax.
 
 # Note [Grafting scores]
 
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from lipnets._checks import check_choice, check_int, check_real
+from lipnets.graft_train import FinetuneHistory, finetune
 from lipnets.graph import TracedGraph, trace, unwrap
 from lipnets.nn import GraftedReLU
 from lipnets.propagation.checks import check_args, check_norm, session
@@ -47,7 +50,7 @@ from lipnets.propagation.graph import Graph, build
 from lipnets.propagation.ops_base import ReLU
 from lipnets.propagation.propagator import Propagator
 
-__all__ = ["SCORES", "graft", "graft_mask"]
+__all__ = ["SCORES", "FinetuneHistory", "finetune", "graft", "graft_mask", "unstable_relus"]
 
 SCORES = ("combined", "instability", "insignificance", "random")
 """The neuron scores of `graft_mask` (Note [Grafting scores])."""
@@ -301,3 +304,62 @@ def graft(
         parent, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent), child, new)
     return out
+
+
+def unstable_relus(
+    model: nn.Module, x: Tensor, eps: float | Tensor, *, norm: float | str, batch_size: int = 128
+) -> Tensor:
+    r"""Per input, how many ReLU entries CROWN has to relax over its ball: the unstable ones.
+
+    An entry is unstable on the ball around $x_k$ when lipnets' CROWN bounds of its
+    input straddle 0 ($l < 0 < u$, the bounds `lipnets.propagation.crown_bounds`
+    computes on the way to the output). Every ReLU op of the propagation graph counts
+    (``nn.ReLU``, ``torch.relu``, the comparators of MaxMin and GroupSort); a grafted
+    neuron of a `GraftedReLU` is exact, so never counts. These are the entries that
+    branch and bound may split on (`lipnets.verify.verify`). The model runs in eval mode.
+
+    Args:
+        model: an ``nn.Module`` that `lipnets.propagation.crown_bounds` supports.
+        x: the centres of the balls, a floating-point batch $(N, \dots)$ with the
+            model's dtype.
+        eps: the radius, a float $\ge 0$ or a tensor of shape $(N,)$.
+        norm: ``2`` or ``float("inf")`` (``"l2"``, ``"inf"``, ``"linf"``).
+        batch_size: inputs bounded at once (memory).
+
+    Returns:
+        An int64 CPU tensor of shape $(N,)$.
+
+    Raises:
+        ValueError, TypeError: the errors of `lipnets.propagation.crown_bounds`.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+        >>> x = torch.randn(3, 4, dtype=torch.float64)
+        >>> unstable_relus(model, x, 0.0, norm="inf").tolist()  # a point: nothing straddles
+        [0, 0, 0]
+        >>> every = graft(model, {"1": torch.ones(8, dtype=torch.bool)})
+        >>> unstable_relus(every, x, 10.0, norm="inf").tolist()  # every neuron grafted
+        [0, 0, 0]
+    """
+    batch_size = check_int(batch_size, "batch_size")
+    q = check_norm(norm)
+    x, radius = check_args(model, x, eps)
+    counts = []
+    with session(model):
+        traced = trace(model)
+        for start in range(0, x.shape[0], batch_size):
+            xb, rb = x[start : start + batch_size], radius[start : start + batch_size]
+            graph = build(traced, xb, rb, q)
+            prop = Propagator(graph, xb, rb, q, crown=True).run()
+            count = torch.zeros(xb.shape[0], dtype=torch.int64)
+            for node in graph.nodes:
+                if isinstance(node.op, ReLU):
+                    i = node.inputs[0]
+                    inexact = node.op.inexact(prop.lows[i], prop.ups[i])
+                    count += inexact.reshape(xb.shape[0], -1).sum(1).cpu()
+            counts.append(count)
+    return torch.cat(counts)

@@ -182,10 +182,12 @@ class Propagator:
             unstable = unstable | op.inexact(flat_lo, flat_up)
         return unstable
 
-    def slopes(self, key: object, index: int, slope_lo: Tensor, rows: int) -> Tensor:
-        """The lower slopes (N, 1 or K, *S) of an elementwise node for the ``rows`` of the
-        backward pass ``key``: the relaxation's (α-CROWN overrides this)."""
-        return slope_lo.unsqueeze(1)
+    def lines(self, key: object, index: int, rows: int) -> _ops.Relaxation:
+        """The lines of an elementwise node for the ``rows`` of the backward pass ``key``:
+        slopes (N, 1 or K, *S), intercepts (N, *S) or (N, K, *S); the relaxation's
+        (α-CROWN overrides this)."""
+        slope_lo, intercept_lo, slope_up, intercept = self.relax[index]
+        return slope_lo.unsqueeze(1), intercept_lo, slope_up.unsqueeze(1), intercept
 
     def interval(self, node) -> tuple[Tensor, Tensor]:
         op = node.op
@@ -264,10 +266,16 @@ class Propagator:
             new_lo, new_up = bound[:, :k], -bound[:, k:]
             cur_lo, cur_up = flat_lo.gather(1, sel), flat_up.gather(1, sel)
             # out of place: autograd (differentiable bounds, α-CROWN) keeps the gathered tensors
-            flat_lo = flat_lo.scatter(1, sel, torch.where(ok, torch.fmax(cur_lo, new_lo), cur_lo))
-            flat_up = flat_up.scatter(1, sel, torch.where(ok, torch.fmin(cur_up, new_up), cur_up))
+            met_lo, met_up = self.meet(cur_lo, cur_up, new_lo, new_up)
+            flat_lo = flat_lo.scatter(1, sel, torch.where(ok, met_lo, cur_lo))
+            flat_up = flat_up.scatter(1, sel, torch.where(ok, met_up, cur_up))
         self.lows[index] = flat_lo.reshape(lo.shape)
         self.ups[index] = flat_up.reshape(up.shape)
+
+    def meet(self, lo: Tensor, up: Tensor, new_lo: Tensor, new_up: Tensor) -> tuple[Tensor, Tensor]:
+        """An interval intersected with the CROWN bounds of its tightened entries (α-CROWN
+        overrides this to send the gradient to the CROWN bounds)."""
+        return torch.fmax(lo, new_lo), torch.fmin(up, new_up)
 
     def backward(
         self,
@@ -279,7 +287,7 @@ class Propagator:
     ) -> Tensor:
         """Lower bounds (N, K) of ``rows`` (N, K, *S) applied to a node, plus ``bias``.
 
-        ``key`` names the pass for `slopes`; with ``keep`` the coefficients reaching each
+        ``key`` names the pass for `lines`; with ``keep`` the coefficients reaching each
         elementwise node (and the input, index 0) are kept in ``self.kept``, and the
         constant of the linear function of the input in ``self.kept_bias``.
         """
@@ -302,15 +310,14 @@ class Propagator:
                 # Note [Elementwise operations in the backward pass]
                 if keep:
                     self.kept[i] = a
-                slope_lo, intercept_lo, slope_up, intercept = self.relax[i]
-                slope_lo = self.slopes(key, i, slope_lo, a.shape[1])
+                slope_lo, intercept_lo, slope_up, intercept = self.lines(key, i, a.shape[1])
                 # pos * slope_lo + neg * slope_up with fewer temporaries (a = pos + neg)
                 neg = a.clamp_max(0)
                 bias = bias + _rowdot(neg, intercept)
                 if intercept_lo is not None:
                     bias = bias + _rowdot(a.clamp_min(0), intercept_lo)
                 a_in = a * slope_lo
-                a_in.addcmul_(neg, slope_up.unsqueeze(1) - slope_lo)
+                a_in.addcmul_(neg, slope_up - slope_lo)
                 accumulate(node.inputs[0], a_in)
             else:
                 a_ins, b = node.op.backward(a)
@@ -359,6 +366,9 @@ class Propagator:
 
 
 def _rowdot(a: Tensor, v: Tensor) -> Tensor:
-    """sum_j a[n, k, j] v[n, j] for coefficients (N, K, *S) and values (N, *S): (N, K)."""
+    """sum_j a[n, k, j] v[n, j] for coefficients (N, K, *S) and values (N, *S): (N, K);
+    values (N, K, *S) give sum_j a[n, k, j] v[n, k, j]."""
+    if v.ndim == a.ndim:
+        return (a * v).flatten(2).sum(-1)
     n, k = a.shape[:2]
     return torch.bmm(a.reshape(n, k, -1), v.reshape(n, -1, 1)).squeeze(2)

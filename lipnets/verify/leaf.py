@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
 from torch import Tensor
 
 from lipnets.propagation.ops_base import Elementwise
@@ -24,6 +23,12 @@ def solve_leaf(
     """``("verified", bound)``, ``("candidate", point)`` (a point to try) or
     ``("unresolved", None)`` for a leaf: a run Propagator over one l-infinity ball whose
     intervals include the leaf's splits, with no inexact relaxation left."""
+    try:
+        from scipy.optimize import linprog
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "branch and bound solves its leaves with scipy: pip install 'lipnets[verify]'"
+        ) from exc
     for node in prop.nodes:
         if isinstance(node.op, Elementwise):
             i = node.inputs[0]
@@ -93,6 +98,8 @@ def _empty(d: np.ndarray, e: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> bool
     cost[-1] = 1.0
     a_ub = -np.hstack([d, np.ones((k, 1))])
     bounds = [*zip(lo, hi, strict=True), (0.0, None)]
+    from scipy.optimize import linprog
+
     res = linprog(cost, A_ub=a_ub, b_ub=-e, bounds=bounds, method="highs")
     if res.status != 0:
         return False

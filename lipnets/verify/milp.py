@@ -101,10 +101,13 @@ class MILPResult:
     status: tuple[str, ...]
     """Per sample: ``"verified"``, ``"falsified"`` or ``"unknown"``."""
     margins: Tensor
-    """(N, C) float64: the MILP's minimum of each margin over the box (its best solution)."""
+    """(N, C) float64: the MILP's minimum of each margin over the box (its best solution;
+    NaN where none was found or the margin was not solved)."""
     lower: Tensor
-    """(N, C) float64: the solver's proven lower bound of each minimum (the dual bound;
-    ``-inf`` for a margin the time limit left unsolved)."""
+    """(N, C) float64: a proven lower bound of each minimum: the solver's dual bound; with
+    ``all_margins=False``, CROWN's bound for a margin it proves and ``tol`` for one proven
+    above ``tol`` (Note [Deciding without the exact minimum]); ``-inf`` for a margin left
+    unsolved (a limit, or a sample already falsified)."""
     crown: Tensor
     """(N, C) float64: CROWN's lower bound of each minimum over the ball (the incomplete
     answer; its pre-activation bounds are the big-M constants)."""
@@ -132,9 +135,9 @@ class MILPResult:
 
     @property
     def min_margin(self) -> Tensor:
-        """(N,) float64: the smallest margin over the classes (NaN entries ignored)."""
-        m = self.margins.nan_to_num(nan=math.inf)
-        return m.amin(dim=1)
+        """(N,) float64: the smallest solved margin of each sample (NaN if none was)."""
+        smallest = self.margins.nan_to_num(nan=math.inf).amin(dim=1)
+        return smallest.where(~torch.isnan(self.margins).all(dim=1), math.nan)
 
 
 def milp_verify(
@@ -207,8 +210,8 @@ def milp_verify(
         TypeError: if ``model`` is not a module or ``x`` not a floating-point
             tensor of the model's dtype, or the labels are not a tensor.
         ValueError: for an l2 ``norm``, a negative ``eps``, labels out of
-            range, a sample outside ``domain``, or a bad ``time_limit`` or
-            ``tol``.
+            range, a sample outside ``domain``, or a bad ``time_limit``,
+            ``node_limit`` or ``tol``.
         InvalidModelError: for a nonlinearity other than the ReLU family
             (tanh, sigmoid, GELU, softmax...): the message names its node.
         ImportError: without scipy.

@@ -67,6 +67,18 @@ def _models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
             (1, 5, 5),
         ),
         "residual": (Residual(), (6,)),
+        "smooth": (
+            nn.Sequential(
+                nn.Linear(6, 16),
+                nn.Tanh(),
+                nn.Linear(16, 16),
+                nn.GELU(),
+                nn.Linear(16, 16),
+                nn.Sigmoid(),
+                nn.Linear(16, 3),
+            ),
+            (6,),
+        ),
     }
 
 
