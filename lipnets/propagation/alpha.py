@@ -47,13 +47,15 @@ ReLUs here are every `ReLU` op of the propagation graph: the model's ReLUs, thos
 comparators that MaxMin, GroupSort, ``torch.maximum`` and max pooling are rewritten into,
 and those of LeakyReLU's rewrite (whose lower slope then ranges over $[a, 1]$).
 
-An op with two relaxations (tanh, sigmoid and GELU: Note [Relaxation variants] in
-`lipnets.propagation.propagator`) gets two variables $\theta_l, \theta_u \in [0, 1]$
-per row and entry instead: its lower line is $\theta_l L_0 + (1 - \theta_l) L_1$, with
-$L_0$ and $L_1$ the lower lines of its two relaxations on the current interval, and the
-same for the upper line. Both lines are below $f$ on the interval, so every convex
-combination is too. The variables start at 1, the first relaxation's lines. An op with
-one relaxation (SiLU) keeps CROWN's lines.
+A smooth op with further relaxations (``Elementwise.alpha_lines``: for tanh and sigmoid
+the tangents at both ends of each valid range of tangent points, for GELU its second
+variant, Note [Relaxation variants] in `lipnets.propagation.propagator`) gets variables
+$\theta \in [0, 1]$ per row and entry instead: its lower line is the nested convex
+combination $\theta_1 L_0 + (1 - \theta_1)(\theta_2 L_1 + (1 - \theta_2) L_2)$ of the
+lower lines $L_0$ (CROWN's), $L_1$, $L_2$ of its relaxations on the current interval, and
+the same for the upper line with its own variables. Every $L_k$ is below $f$ on the
+interval, so every convex combination is too. The variables start at 1, CROWN's lines.
+An op with one relaxation (SiLU) keeps CROWN's lines.
 
 # Note [β-CROWN]
 
@@ -118,7 +120,7 @@ class AlphaPropagator(Propagator):
             ]
         self.alphas: dict[tuple, Tensor] = {}
         self._selection: dict[int, Tensor] = {}
-        self._second: dict[int, _ops.Relaxation] = {}  # the second relaxation per node
+        self._second: dict[int, list[_ops.Relaxation]] = {}  # further relaxations per node
 
     def reset(self) -> None:
         """Forget the last pass's intervals, keeping the best ones and the variables."""
@@ -183,29 +185,29 @@ class AlphaPropagator(Propagator):
         return slope, intercept_lo, slope_up.unsqueeze(1), intercept
 
     def _mixed_lines(self, key: object, index: int, rows: int) -> _ops.Relaxation:
-        """Per row, the convex combinations $\theta L_0 + (1 - \theta) L_1$ of the lines
-        of the op's first two relaxations (Note [α-CROWN])."""
+        r"""Per row, nested convex combinations $\theta_1 L_0 + (1 - \theta_1)(\theta_2 L_1 +
+        (1 - \theta_2)(\dots))$ of the op's relaxations (Note [α-CROWN])."""
         first = self.relax[index]
         if index not in self._second:
             i = self.nodes[index].inputs[0]
-            self._second[index] = self.nodes[index].op.relaxation(self.lows[i], self.ups[i], 1)
-        second = self._second[index]
-        if first[1] is None or second[1] is None:
+            self._second[index] = self.nodes[index].op.alpha_lines(self.lows[i], self.ups[i])
+        others = self._second[index]
+        if not others or first[1] is None or any(o[1] is None for o in others):
             return super().lines(key, index, rows)
         shape = (self.n, rows, *first[0].shape[1:])
         one = first[0].new_ones(()).reshape([1] * len(shape))
-        lower = self._variable((key, index, "lower"), shape, one)
-        upper = self._variable((key, index, "upper"), shape, one)
-
-        def mix(theta: Tensor, a: Tensor, b: Tensor) -> Tensor:
-            return theta * a.unsqueeze(1) + (1 - theta) * b.unsqueeze(1)
-
-        return (
-            mix(lower, first[0], second[0]),
-            mix(lower, first[1], second[1]),
-            mix(upper, first[2], second[2]),
-            mix(upper, first[3], second[3]),
-        )
+        lines = [first, *others]
+        mixed = [t.unsqueeze(1) for t in lines[-1]]
+        for k in range(len(lines) - 2, -1, -1):
+            lower = self._variable((key, index, "lower", k), shape, one)
+            upper = self._variable((key, index, "upper", k), shape, one)
+            theta = (lower, lower, upper, upper)
+            mixed = [
+                w * t.unsqueeze(1) + (1 - w) * m
+                for w, t, m in zip(theta, lines[k], mixed, strict=True)
+            ]
+        slope_lo, intercept_lo, slope_up, intercept = mixed
+        return slope_lo, intercept_lo, slope_up, intercept
 
 
 class BetaPropagator(AlphaPropagator):

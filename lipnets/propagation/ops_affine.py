@@ -72,7 +72,7 @@ def rows_matmul(a: Tensor, w: Tensor) -> Tensor:
 
 
 def vjp(function, in_shape: torch.Size, a: Tensor) -> Tensor:
-    """$J^\top a$ for a linear ``function`` of inputs (B, *in_shape), by autograd at zero.
+    r"""$J^\top a$ for a linear ``function`` of inputs (B, *in_shape), by autograd at zero.
 
     Under autograd (differentiable bounds, Note [Differentiable bounds] in
     `lipnets.propagation.checks`) the product is built with ``create_graph``, so it is

@@ -112,6 +112,12 @@ class Elementwise(Op):
         """The entries whose lines are not exact on $[l, u]$ (what tightening can improve)."""
         return lower < upper
 
+    def alpha_lines(self, lower: Tensor, upper: Tensor) -> list[Relaxation]:
+        """Further sound relaxations on $[l, u]$ whose convex combinations with the first
+        α-CROWN searches (Note [α-CROWN] in `lipnets.propagation.alpha`): the other
+        variants."""
+        return [self.relaxation(lower, upper, v) for v in range(1, self.variants)]
+
     def local_slope(self, lower: Tensor, upper: Tensor) -> float | Tensor:
         """A Lipschitz constant of the op on the box $[l, u]$ of its input, per sample or
         one for all (`local_lipschitz`): ``slope`` unless the op knows better."""

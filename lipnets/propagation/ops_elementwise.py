@@ -168,11 +168,45 @@ class SShaped(Elementwise):
             slope_lo[straddle], b_lo[straddle] = slope, 2 * self.center - b
         return _nan_unknown(lower, upper, [slope_lo, b_lo, slope_up, b_up])
 
+    def alpha_lines(self, lower: Tensor, upper: Tensor) -> list[Relaxation]:
+        r"""Two more relaxations for α-CROWN (Note [α-CROWN] in `lipnets.propagation.alpha`):
+        the tangent side's line is the tangent at the near end of its valid range in the
+        first, at the far end in the second (Note [Relaxations of smooth activations]: on
+        $x \le 0$ a tangent at any point of $[l, u]$ is below $f$; straddling, the upper
+        tangent at any $d \ge d_0$ is above it, $d_0$ where it passes through $(l, f(l))$;
+        the rest by symmetry); the chord sides are the chords."""
+        f, df = self.function, self.derivative
+        lo, up = lower, torch.maximum(upper, lower)
+        width = up - lo
+        wide = width > 0
+        f_lo, f_up = f(lo), f(up)
+        chord = torch.where(wide, (f_up - f_lo) / torch.where(wide, width, 1.0), df(lo))
+        chord_b = f_lo - chord * lo
+        convex, concave = up <= 0, lo >= 0
+        straddle = ~(convex | concave) & torch.isfinite(lo) & torch.isfinite(up)
+        result = []
+        for point, at in ((lo, "steep"), (up, "far")):
+            d_t = df(point)
+            b_t = f(point) - d_t * point
+            slope_up = torch.where(convex, chord, d_t)
+            b_up = torch.where(convex, chord_b, b_t)
+            slope_lo = torch.where(concave, chord, d_t)
+            b_lo = torch.where(concave, chord_b, b_t)
+            if bool(straddle.any()):
+                l_s, u_s, s = lo[straddle], up[straddle], chord[straddle]
+                slope_up[straddle], b_up[straddle] = self._upper_straddling(l_s, u_s, s, False, at)
+                slope, b = self._upper_straddling(-u_s, -l_s, s, False, at)  # the mirror
+                slope_lo[straddle], b_lo[straddle] = slope, 2 * self.center - b
+            result.append(_nan_unknown(lower, upper, [slope_lo, b_lo, slope_up, b_up]))
+        return result
+
     def _upper_straddling(
-        self, lo: Tensor, up: Tensor, chord: Tensor, grid: bool
+        self, lo: Tensor, up: Tensor, chord: Tensor, grid: bool, at: str = "least"
     ) -> tuple[Tensor, Tensor]:
         """The upper line on $[l, u]$, $l < 0 < u$: the chord or the tangent through $(l,
-        f(l))$, or with ``grid`` through $(l', f(l'))$, $l'$ the grid point below $l$."""
+        f(l))$, or with ``grid`` through $(l', f(l'))$, $l'$ the grid point below $l$;
+        ``at`` "steep" gives the tangent at $d_0$ itself and "far" the tangent at $u$
+        instead of the one of least area."""
         f, df = self.function, self.derivative
         use_chord = df(up) >= chord
         f_lo = f(lo)
@@ -186,6 +220,8 @@ class SShaped(Elementwise):
             above = f(mid) + df(mid) * (end - mid) >= f_end  # t(mid) >= 0: keep it as the end
             b, a = torch.where(above, mid, b), torch.where(above, a, mid)
         d = torch.maximum(b, lo + (up - lo) / 2)  # the tangent of least area among the valid
+        if at != "least":
+            d = b if at == "steep" else torch.maximum(b, up)
         slope = df(d)
         return (
             torch.where(use_chord, chord, slope),

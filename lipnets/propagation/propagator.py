@@ -367,8 +367,9 @@ class Propagator:
 
 def _rowdot(a: Tensor, v: Tensor) -> Tensor:
     """sum_j a[n, k, j] v[n, j] for coefficients (N, K, *S) and values (N, *S): (N, K);
-    values (N, K, *S) give sum_j a[n, k, j] v[n, k, j]."""
-    if v.ndim == a.ndim:
+    values of a's very shape (one per row, α-CROWN) give sum_j a[n, k, j] v[n, k, j]
+    (the same sum when K = 1, the one case where the two readings share a shape)."""
+    if v.shape == a.shape:
         return (a * v).flatten(2).sum(-1)
     n, k = a.shape[:2]
     return torch.bmm(a.reshape(n, k, -1), v.reshape(n, -1, 1)).squeeze(2)
