@@ -87,7 +87,7 @@ def test_verified_cases_resist_pgd(answers):
             domain = tuple(torch.full_like(case.x, v) for v in case.domain)
         point = attack_margins(
             case.model, case.x, spec, torch.tensor([case.eps], dtype=DT), math.inf,
-            generator, domain, steps=100, restarts=8,
+            generator, domain, steps=40, restarts=4,
         )  # fmt: skip
         with torch.no_grad():
             value = float((spec @ case.model(point).reshape(1, -1, 1)).min())
