@@ -59,6 +59,8 @@ class Grafted(ReLU):
     every `Elementwise` op, the op's Lipschitz constant.
     """
 
+    kind = "grafted_relu"  # not "relu": what reads a kind must not take it for a plain ReLU
+
     def __init__(
         self,
         in_shapes: Sequence[torch.Size],

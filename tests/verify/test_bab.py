@@ -182,3 +182,45 @@ def test_errors(kwargs, error, text):
     x = torch.rand(2, 2, dtype=DT)
     with pytest.raises(error, match=text):
         verify(model, x, torch.tensor([0, 1]), 0.1, progress=False, **kwargs)
+
+
+class _PlainGraft(nn.Module):
+    """The function of a GraftedReLU written in plain torch (what the MILP encodes)."""
+
+    def __init__(self, graft: lipnets.nn.GraftedReLU) -> None:
+        super().__init__()
+        self.register_buffer("m", graft.mask.to(DT))
+        self.register_buffer("a", graft.slope.detach().clone())
+        self.register_buffer("b", graft.intercept.detach().clone())
+
+    def forward(self, x):
+        return self.m * (self.a * x + self.b) + (1 - self.m) * torch.relu(x)
+
+
+def test_grafted_networks_agree_with_the_milp_of_their_plain_form():
+    """A grafted op is not a ReLU to the MILP (it refuses it, instead of encoding a ReLU),
+    and branch and bound on the grafted model agrees with the MILP on the same function."""
+    from lipnets.errors import InvalidModelError
+    from lipnets.verify import milp_verify
+
+    wrong = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        graft = lipnets.nn.GraftedReLU((10,), mask=torch.rand(10) < 0.5)
+        with torch.no_grad():
+            graft.slope.uniform_(-2, 2)
+            graft.intercept.uniform_(-0.5, 0.5)
+        first, last = nn.Linear(3, 10), nn.Linear(10, 3)
+        model = nn.Sequential(first, graft, last).to(DT)
+        plain = nn.Sequential(first, _PlainGraft(graft), last).to(DT)
+        x = torch.randn(6, 3, dtype=DT)
+        y = model(x).argmax(1)
+        with pytest.raises(InvalidModelError, match="grafted_relu"):
+            milp_verify(model, x, y, 0.2)
+        exact = milp_verify(plain, x, y, 0.2)
+        result = verify(model, x, y, 0.2, progress=False)
+        wrong += sum(
+            a != b and "unknown" not in (a, b)
+            for a, b in zip(result.status, exact.status, strict=True)
+        )
+    assert wrong == 0
