@@ -100,8 +100,9 @@ class VerificationResult:
     """Like ``x``: for a falsified input, a point of the ball where a forward pass of the
     model gives a margin ``<= 0``; NaN for the others."""
     lower: Tensor
-    """(N,) float64: a proven lower bound of the smallest margin over the ball (over the
-    domains bounded; ``-inf`` where nothing was proven, NaN for a falsified input)."""
+    """(N,) float64: a proven lower bound of the smallest margin over the whole ball: for
+    an unknown input the least bound over the verified parts, the open domains and the
+    leaves left undecided (``-inf`` where nothing was proven); NaN for a falsified input."""
     nodes: Tensor
     """(N,) int64: domains bounded (the root included)."""
     time: Tensor
@@ -306,13 +307,15 @@ class _Search:
         self.batch_graph = build(self.traced, xs, self.radius.expand(b), o.norm)
         self.xs, self.radii = xs, self.radius.expand(b).contiguous()
         self.specs = self.spec.expand(b, *self.spec.shape[1:])
-        proven, unresolved = math.inf, False  # the smallest bound over the decided parts
+        proven = math.inf  # the smallest bound over the verified parts
+        pending = math.inf  # over the leaves left undecided (their domains' bounds)
+        unresolved = False
         queue: list[_Domain] = [root]
         while queue:
             if time.perf_counter() - self.start > o.time_limit:
-                return "unknown", "time limit", None, min(proven, queue[0].bound)
+                return "unknown", "time limit", None, min(proven, pending, queue[0].bound)
             if self.count >= o.max_nodes:
-                return "unknown", "node limit", None, min(proven, queue[0].bound)
+                return "unknown", "node limit", None, min(proven, pending, queue[0].bound)
             parents = [heapq.heappop(queue) for _ in range(min(len(queue), b // 2))]
             children = [c for p in parents for c in self.split(p)]
             outcome = self.bound(children)
@@ -325,10 +328,11 @@ class _Search:
                     proven = min(proven, float(value))
                 elif kind == "unresolved":
                     unresolved = True
+                    pending = min(pending, child.bound)
                 else:
                     heapq.heappush(queue, child)
         if unresolved:
-            return "unknown", "unresolved leaf", None, -math.inf
+            return "unknown", "unresolved leaf", None, min(proven, pending)
         return "verified", "branch and bound", None, proven
 
     def margins(self, points: Tensor) -> Tensor:

@@ -78,7 +78,8 @@ def solve_leaf(
         if bound > 0:
             proven = min(proven, bound)
             continue
-        point = torch.as_tensor(res.x, dtype=prop.x.dtype).reshape(prop.x.shape)
+        inside = np.minimum(np.maximum(res.x, lo), hi)  # HiGHS meets bounds to 1e-7 only
+        point = torch.as_tensor(inside, dtype=prop.x.dtype).reshape(prop.x.shape)
         return "candidate", point
     return "verified", proven
 
