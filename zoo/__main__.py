@@ -14,6 +14,8 @@ Commands:
   bound, and optionally a PGD attack that tries to break the certificates.
 - ``wasserstein``: train a critic between two 2-D distributions, print its W1
   estimate next to POT's exact W1 of the same samples.
+- ``graft RUN_OR_RECIPE``: linearity grafting (`zoo.graft`): graft a share of the
+  ReLU neurons, fine-tune, and compare verification before and after.
 - ``demo``: build a small residual GroupSort network and print its sound bound.
 
 Every certified number comes from `lipnets.lipschitz_bound`, computed from the
@@ -617,6 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_arg(p)
     _add_run_args(p, default_name="critic-P-Q-TIMESTAMP")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    from zoo.graft import add_parser as add_graft_parser
+
+    p = add_graft_parser(sub)  # linearity grafting (zoo.graft)
+    _add_data_args(p, with_name=False)
+    _add_run_args(p, default_name="MODEL-graft-TIMESTAMP")
     return parser
 
 
@@ -652,6 +660,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args) if args.command == "eval" else cmd_certify(args)
         if args.command == "wasserstein":
             return cmd_wasserstein(args, argv)
+        if args.command == "graft":
+            from zoo.graft import cmd_graft
+
+            return cmd_graft(args, argv)
     except ZooError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
