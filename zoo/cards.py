@@ -174,6 +174,14 @@ def load_model(
                 f"{found['num_outputs']} outputs, not the expected {wanted.describe()} with "
                 f"{wanted['num_outputs']} outputs: it is a checkpoint of another architecture"
             )
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        grafted = "zoo.grafted" in (f.metadata() or {})
+    if grafted:  # written by `python -m zoo graft` (zoo.graft.GRAFTED_KEY)
+        from zoo.graft import load_grafted
+
+        return load_grafted(path, device=device), found
     model = models.build(
         found["model"],
         input_shape=found["input_shape"],
