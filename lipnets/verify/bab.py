@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lipnets._checks import check_int, check_real
 from lipnets._progress import progress_bar
 from lipnets.functional.margins import check_scores, margin_spec
 from lipnets.graph import trace
@@ -84,14 +85,13 @@ from lipnets.propagation.ops_base import ReLU
 from lipnets.propagation.propagator import Propagator
 from lipnets.verify.attack import attack_margins
 from lipnets.verify.leaf import solve_leaf
+from lipnets.verify.status import Statuses
 
 __all__ = ["VerificationResult", "verify"]
 
-STATUSES = ("verified", "falsified", "unknown")
-
 
 @dataclass(frozen=True)
-class VerificationResult:
+class VerificationResult(Statuses):
     """What `verify` found for each input of a batch (Note [Branch and bound])."""
 
     status: tuple[str, ...]
@@ -110,16 +110,6 @@ class VerificationResult:
     reason: tuple[str, ...]
     """Per input: how it was decided (``"attack"``, ``"root"``, ``"branch and bound"``) or
     why it is unknown (``"time limit"``, ``"node limit"``, ``"unresolved leaf"``)."""
-
-    @property
-    def verified(self) -> Tensor:
-        """(N,) bool: the inputs proven robust."""
-        return torch.tensor([s == "verified" for s in self.status], dtype=torch.bool)
-
-    @property
-    def falsified(self) -> Tensor:
-        """(N,) bool: the inputs with a confirmed counterexample."""
-        return torch.tensor([s == "falsified" for s in self.status], dtype=torch.bool)
 
 
 @dataclass(order=True)
@@ -225,12 +215,12 @@ def verify(
     x, radius = check_args(model, x, eps)
     options = _Options(
         q,
-        _count(optimize, "optimize", 0),
-        _count(split_steps, "split_steps", 0),
-        _positive(lr, "lr"),
-        _positive(time_limit, "time_limit"),
-        _count(max_nodes, "max_nodes", 1),
-        _count(batch_size, "batch_size", 2),
+        check_int(optimize, "optimize", 0),
+        check_int(split_steps, "split_steps", 0),
+        check_real(lr, "lr", low=0.0, low_open=True),
+        check_real(time_limit, "time_limit", low=0.0, low_open=True),
+        check_int(max_nodes, "max_nodes", 1),
+        check_int(batch_size, "batch_size", 2),
         _flag(attack, "attack"),
         generator,
         _domain(domain, x),
@@ -503,18 +493,6 @@ class _Search:
                 return "falsified", value
             return "unresolved", None
         return verdict, value
-
-
-def _count(value: object, name: str, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    return value
-
-
-def _positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _domain(domain: object, x: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -83,14 +83,13 @@ from lipnets.functional.margins import binary_signs, check_scores, class_indices
 from lipnets.graph import trace
 from lipnets.propagation.checks import check_args, check_norm, session
 from lipnets.propagation.graph import build
+from lipnets.verify.status import Statuses
 
 __all__ = ["MILPResult", "milp_verify"]
 
-STATUSES = ("verified", "falsified", "unknown")
-
 
 @dataclass(frozen=True)
-class MILPResult:
+class MILPResult(Statuses):
     """What `milp_verify` found for each sample of a batch (Note [What exact means]).
 
     Margins are indexed by class: column $j$ is the margin $f_y - f_j$, NaN in
@@ -122,16 +121,6 @@ class MILPResult:
     """(N,) int64: branch-and-bound nodes HiGHS explored, over the sample's solves."""
     binaries: Tensor
     """(N,) int64: binary variables of the sample's program (its unstable ReLUs)."""
-
-    @property
-    def verified(self) -> Tensor:
-        """(N,) bool: the samples proven robust."""
-        return torch.tensor([s == "verified" for s in self.status], dtype=torch.bool)
-
-    @property
-    def falsified(self) -> Tensor:
-        """(N,) bool: the samples with a confirmed counterexample."""
-        return torch.tensor([s == "falsified" for s in self.status], dtype=torch.bool)
 
     @property
     def min_margin(self) -> Tensor:
