@@ -146,7 +146,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from zoo import cards, certified, data, models, train
+    from zoo import cards, certified, data, models, robustness, train
     from zoo.errors import ZooError
 
     # At the door: every value was checked by its argparse type; what depends
@@ -223,6 +223,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             arch = cards.architecture(args.model, options, info.input_shape, info.num_classes)
             title = f"{args.model} on {args.data}: verified accuracy ({config.loss})"
             verified = cert and certified.verified_run(model, split.test, cert, title=title)
+            budget = robustness.options_from(args)  # CROWN and attack numbers
+            robust = budget and robustness.measure(
+                model, split.test, eps, budget, progress=progress
+            )
             folder = train.write_run(
                 args.out,
                 name,
@@ -243,6 +247,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
                 lower_bound_search=search,
                 command=_command(argv, ddp.world_size),
                 verified=verified,
+                robustness=robust,
             )
             total = time.perf_counter() - start
             _print_evaluation(
@@ -251,6 +256,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
                 f"trained in {history.seconds:.1f} s ({history.steps} steps), "
                 f"{total:.1f} s with evaluation:",
             )
+            for line in robustness.describe(robust) if robust else ():
+                print(line)
             if verified:
                 print(certified.describe(verified))
             print(f"  run folder              {folder}{_kept(args.out, name, folder)}")
@@ -268,14 +275,6 @@ def _kept(out: Path, name: str, folder: Path) -> str:
 
 
 # ---------------------------------------------------------------- eval / certify
-
-
-#: How close a recomputed number must be to the card's (see `cmd_eval`).
-#: Accuracies are counts over the same test set and must be equal; the bound is
-#: recomputed in float64 from float32 weights (other hardware may round the last
-#: bits differently); the lower bound is a seeded search, an estimate whose path
-#: may drift with rounding.
-TOLERANCE = {"accuracy": 0.0, "lipschitz_bound": 1e-6, "lower_bound": 1e-2}
 
 
 def _load_for_eval(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None, Any]:
@@ -333,17 +332,11 @@ def _kind(name: str) -> str:
     return models.get(name).kind
 
 
-def _close(card_value: float | None, value: float | None, rel: float) -> bool:
-    if card_value is None or value is None:
-        return card_value is None and value is None
-    if rel == 0.0:
-        return card_value == value
-    return abs(card_value - value) <= rel * max(abs(card_value), 1e-12)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from zoo import certified, train
+    """Recompute a card's numbers; tolerances and what changed: `zoo.reproduce`."""
+    from zoo import certified, robustness, train
     from zoo.errors import ZooError
+    from zoo.reproduce import TOLERANCE, changes, close
 
     model, card, split = _load_for_eval(args)  # the card is checked, the checkpoint verified
     if card is None:
@@ -368,23 +361,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if lower is not None:
         rows.append(("lower_bound", card["lower_bound"], ev.lower_bound, TOLERANCE["lower_bound"]))
     rows += certified.eval_rows(card, model, split.test)  # exact, as accuracies
+    rows += robustness.eval_rows(card, model, split.test, progress=not args.no_progress)
     print(f"{card['model']} on {card['data']['name']} ({split.info.test_size} test samples)")
     print(f"  {'number':28s} {'card':>12s} {'now':>12s}  tolerance")
     different = []
     for name, was, now, rel in rows:
-        ok = _close(was, now, rel)
+        ok = close(was, now, rel)
         if not ok:
             different.append(name)
         tol = "exact" if rel == 0 else f"rel {rel:g}"
         print(f"  {name:28s} {was:12.7f} {now:12.7f}  {tol:10s} {'ok' if ok else 'DIFFERENT'}")
-    changes = _changes(card, split.info)
+    changed = changes(card, split.info)
     if not different:
-        print("reproduced: yes" + (f" ({'; '.join(changes)})" if changes else ""))
+        print("reproduced: yes" + (f" ({'; '.join(changed)})" if changed else ""))
         return 0
     numbers = ", ".join(different)
     why = (
-        "; ".join(changes) + ": a change there can move these numbers"
-        if changes
+        "; ".join(changed) + ": a change there can move these numbers"
+        if changed
         else "the same lipnets and torch versions and test set size as the card's: the card's "
         "numbers were edited, or the data or this platform differ"
     )
@@ -393,25 +387,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"the checkpoint is the card's (sha256 verified); {why}"
     )
     return 1
-
-
-def _changes(card: dict[str, Any], info: Any) -> list[str]:
-    """What differs between the card's making and this evaluation: versions, test set size."""
-    changes = []
-    if card["lipnets_version"] != lipnets.__version__:
-        changes.append(
-            f"the card was written by lipnets {card['lipnets_version']}, this is "
-            f"lipnets {lipnets.__version__}"
-        )
-    written_with = card.get("torch_version")
-    if written_with is not None and written_with != torch.__version__:
-        changes.append(
-            f"the card was written with torch {written_with}, this is torch {torch.__version__}"
-        )
-    size = card["data"].get("test_size")
-    if isinstance(size, int) and size != info.test_size:
-        changes.append(f"the card's test set had {size} samples, this one has {info.test_size}")
-    return changes
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
@@ -571,9 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="l2 radii (>= 0) to certify in the card; with --loss ibp/crown-ibp, the l-inf "
         "radii to verify by CROWN, the largest being the training radius",
     )
-    from zoo.certified import add_arguments
+    from zoo import certified, robustness
 
-    add_arguments(p)
+    certified.add_arguments(p)
+    robustness.add_arguments(p)  # --crown-points, --attack-points
     _add_run_args(p, default_name="MODEL-DATA-TIMESTAMP")
 
     p = sub.add_parser("eval", help="recompute a card's numbers from its checkpoint")

@@ -272,6 +272,32 @@ def _search(value: Any) -> bool:
     )
 
 
+def _crown_certified(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and value.get("method") == "crown"
+        and value.get("norm") == "2"
+        and value.get("dtype") == "float64"
+        and _integer(1)(value.get("points"))
+        and _radii(value.get("accuracy"))
+        and _radii(value.get("lipschitz_accuracy"))
+    )
+
+
+def _attack_robust(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and value.get("attack") == "pgd_l2"
+        and value.get("norm") == "2"
+        and value.get("dtype") == "float64"
+        and all(_integer(1)(value.get(k)) for k in ("points", "steps", "restarts"))
+        and _integer(0)(value.get("seed"))
+        and _integer(0)(value.get("broken_certified"))
+        and _radii(value.get("accuracy"))
+        and _radii(value.get("lipschitz_accuracy"))
+    )
+
+
 def _nullable(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
@@ -327,6 +353,21 @@ CLASSIFIER_FIELDS: tuple[Field, ...] = (
         _verified,
         "an object of norm ('inf' or '2'), method ('crown' or 'ibp'), dtype and accuracy "
         "(a non-empty object from radii to numbers in [0, 1]), from certified training",
+        False,
+    ),
+    (
+        "crown_certified_accuracy",
+        _crown_certified,
+        "an object of method 'crown', norm '2', dtype 'float64', points (an integer >= 1), "
+        "accuracy and lipschitz_accuracy (objects from radii to numbers in [0, 1])",
+        False,
+    ),
+    (
+        "attack_robust_accuracy",
+        _attack_robust,
+        "an object of attack 'pgd_l2', norm '2', dtype 'float64', points, steps, restarts "
+        "(integers >= 1), seed and broken_certified (integers >= 0), accuracy and "
+        "lipschitz_accuracy (objects from radii to numbers in [0, 1])",
         False,
     ),
 )

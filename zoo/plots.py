@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["certified_curve", "critic_contour", "verified_curve"]
+__all__ = ["certified_curve", "critic_contour", "robustness_curves", "verified_curve"]
 
 
 def _pyplot():
@@ -28,8 +29,16 @@ def certified_curve(
     *,
     title: str,
     bound: float,
+    attack: Mapping[float, float] | None = None,
+    attack_label: str = "attack-robust",
+    crown: Mapping[float, float] | None = None,
+    crown_label: str = "CROWN-certified",
 ) -> Path:
     """Plot the share of test samples whose certified radius exceeds each eps.
+
+    The legend lies outside the axes, to the right, so that it never covers a curve; the
+    bound is printed with every digit of its float64 value (``L ≤ 1.0000007602333363``, not
+    ``1.000000``).
 
     Args:
         path: the PNG to write.
@@ -37,32 +46,71 @@ def certified_curve(
         marks: ``{eps: accuracy}`` points to mark (the card's numbers).
         title: the figure title.
         bound: the sound Lipschitz bound the radii come from (shown in the legend).
+        attack: ``{eps: accuracy}`` that an attack does not break (an upper bound on the
+            robust accuracy), drawn beside the certified curve; ``None``: not drawn.
+        attack_label: its legend entry (say which samples and which attack).
+        crown: ``{eps: accuracy}`` certified by CROWN, drawn as points; ``None``: not
+            drawn.
+        crown_label: its legend entry (say which samples).
     """
     plt = _pyplot()
     radii = radii.detach().double().cpu()
-    top = max(float(radii.max()), max(marks, default=0.0)) * 1.05 or 1.0
+    extra = [*marks, *(attack or {}), *(crown or {})]
+    top = max(float(radii.max()), max(extra, default=0.0)) * 1.05 or 1.0
     grid = torch.linspace(0.0, top, 400, dtype=torch.float64)
     curve = (radii[None, :] > grid[:, None]).double().mean(dim=1)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(grid.numpy(), 100 * curve.numpy(), label=f"certified (sound bound L = {bound:.6f})")
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
+    ax.plot(grid.numpy(), 100 * curve.numpy(),
+            label=f"Lipschitz-certified (sound)\nL ≤ {float(bound)!r}")  # fmt: skip
+    if attack:
+        eps = sorted(attack)
+        ax.plot(eps, [100 * attack[e] for e in eps], marker="s", color="C1", linestyle="--",
+                label=attack_label)  # fmt: skip
+    if crown:
+        eps = sorted(crown)
+        ax.plot(eps, [100 * crown[e] for e in eps], marker="^", color="C2", linestyle=":",
+                label=crown_label)  # fmt: skip
     if marks:
         ax.scatter(
-            list(marks), [100 * a for a in marks.values()], color="C3", zorder=3, label="card"
-        )
+            list(marks), [100 * a for a in marks.values()], color="C3", zorder=3,
+            label="card (Lipschitz-certified)",
+        )  # fmt: skip
         for eps, acc in marks.items():
             ax.annotate(f"{100 * acc:.1f}%", (eps, 100 * acc), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)  # fmt: skip
     ax.set_xlabel("l2 radius eps")
-    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_xlim(0, top)
     ax.grid(alpha=0.3)
-    ax.set_title(title)
-    ax.legend(loc="upper right")
+    ax.set_title(f"{title} (L ≤ {float(bound)!r})", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def robustness_curves(fields: Mapping[str, Any], test_size: int) -> dict[str, Any]:
+    """`certified_curve`'s ``attack``/``crown`` arguments and labels from a card's
+    ``attack_robust_accuracy`` and ``crown_certified_accuracy`` (`zoo.robustness`); the
+    labels say which samples each is of."""
+    out: dict[str, Any] = {}
+    attack, crown = fields.get("attack_robust_accuracy"), fields.get("crown_certified_accuracy")
+
+    def of(points: int) -> str:
+        return "all test samples" if points == test_size else f"first {points} test samples"
+
+    if attack:
+        out["attack"] = {float(k): v for k, v in attack["accuracy"].items()}
+        out["attack_label"] = (
+            f"attack-robust (upper bound)\npgd_l2 {attack['steps']}x{attack['restarts']}, "
+            f"{of(attack['points'])}"
+        )
+    if crown:
+        out["crown"] = {float(k): v for k, v in crown["accuracy"].items()}
+        out["crown_label"] = f"CROWN-certified (sound)\n{of(crown['points'])}"
+    return out
 
 
 def verified_curve(
@@ -93,9 +141,9 @@ def verified_curve(
     ax.set_xlim(0, max(radii, default=0.0) * 1.05 or 1.0)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 

@@ -8,6 +8,11 @@ taken, the run goes to ``NAME-2`` (then ``-3``, ...): an existing run is never
 overwritten, and the CLI says which folder it wrote. A rename onto an existing
 non-empty folder fails, so two writers racing for one name cannot both win.
 
+When the files include the card (``card.json``) and no ``README.md``, the human-readable
+model card ``README.md`` is rendered from the written card (`zoo.modelcard.write_readme`)
+and written last, into the same temporary folder: it is part of the run like every other
+file, and a run folder never holds a card without its README.
+
 An exception or a SIGINT (``KeyboardInterrupt``) while writing removes the
 temporary folder. A SIGKILL or a power loss leaves it behind, hidden; the next
 run written into the same ``--out`` removes the temporary folders of writers
@@ -116,7 +121,8 @@ def write_run_folder(
         files: ``(file name, writer)`` pairs, written in this order:
             ``writer(path)`` writes ``path`` inside the temporary folder, and
             may read the files written before it (the card reads the
-            checkpoint's digest).
+            checkpoint's digest). With a ``card.json`` among them and no
+            ``README.md``, the README is rendered from the card and written last.
 
     Returns:
         The run folder, ``out/name`` when that name was free, else the first
@@ -127,6 +133,8 @@ def write_run_folder(
             written, or every suffix is taken.
     """
     from zoo.arguments import run_name
+    from zoo.cards import CARD
+    from zoo.modelcard import README, write_readme
 
     try:
         run_name(name)
@@ -149,6 +157,14 @@ def write_run_folder(
                 raise ZooError(f"cannot write {file_name} into {str(out)!r}: {error}") from None
             _fsync(path)
             _test_pause(file_name)
+        names = [file_name for file_name, _ in files]
+        if CARD in names and README not in names:
+            try:
+                write_readme(temp)
+            except OSError as error:
+                raise ZooError(f"cannot write {README} into {str(out)!r}: {error}") from None
+            _fsync(temp / README)
+            _test_pause(README)
         _fsync(temp)
         for candidate in _candidates(name):
             target = out / candidate

@@ -453,8 +453,10 @@ def write_run(
     lower_bound_search: Mapping[str, int] | None,
     command: str,
     verified: Mapping[str, Any] | None = None,
+    robustness: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a classifier's run folder: ``model.safetensors``, ``card.json``, ``certified.png``.
+    """Write a classifier's run folder: ``model.safetensors``, ``card.json``, ``certified.png``
+    and ``README.md`` (the model card rendered from ``card.json``, `zoo.modelcard`).
 
     The folder is ``out/name``, or ``out/name-2``, ... when that name is
     taken: it is written whole into a hidden temporary folder and renamed
@@ -468,6 +470,9 @@ def write_run(
     A run of certified training passes ``verified`` (`zoo.certified.verified_run`): its
     ``field`` goes into the card as ``crown_verified_accuracy``, and its ``plot(path)``
     writes ``verified.png``.
+
+    ``robustness`` (`zoo.robustness.measure`) adds the card's ``crown_certified_accuracy``
+    and ``attack_robust_accuracy``, drawn in ``certified.png`` beside the certified curve.
 
     Returns:
         The run folder written.
@@ -486,6 +491,7 @@ def write_run(
             "lower_bound_search": None if lower_bound_search is None else dict(lower_bound_search),
             "training": dict(training),
             **({} if verified is None else {"crown_verified_accuracy": verified["field"]}),
+            **dict(robustness or {}),
             **cards.provenance(path.parent, command),
         }
         cards.write_card(path.parent, fields)
@@ -497,6 +503,7 @@ def write_run(
             evaluation.certified_accuracy,
             title=f"{arch['model']} on {info.name}: certified accuracy",
             bound=evaluation.lipschitz_bound,
+            **plots.robustness_curves(robustness or {}, info.test_size),
         )
 
     files = [(cards.WEIGHTS, checkpoint), (cards.CARD, card), ("certified.png", plot)]

@@ -31,7 +31,7 @@ def test_cli_certified_training_writes_and_reproduces_its_card(tmp_path, capsys)
     assert rc == 0
     folder = tmp_path / "run"
     assert {p.name for p in folder.iterdir()} == {
-        "card.json", "model.safetensors", "certified.png", "verified.png",
+        "card.json", "model.safetensors", "certified.png", "verified.png", "README.md",
     }  # fmt: skip
     card = json.loads((folder / "card.json").read_text())
     field = card["crown_verified_accuracy"]

@@ -23,10 +23,11 @@ from zoo.__main__ import main
 from zoo.errors import ZooError
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The files of a run, in the order they are written.
+#: The files of a run, in the order they are written (the README, rendered from the card,
+#: last).
 FILES = {
-    "classifier": ["model.safetensors", "card.json", "certified.png"],
-    "critic": ["model.safetensors", "card.json", "contour.png"],
+    "classifier": ["model.safetensors", "card.json", "certified.png", "README.md"],
+    "critic": ["model.safetensors", "card.json", "contour.png", "README.md"],
 }
 
 

@@ -184,11 +184,14 @@ def test_evaluate_certifies_from_the_sound_bound_not_an_assumed_one():
 def test_cli_train_writes_the_run_folder(tmp_path, capsys):
     rc = main(
         ["train", "groupsort-mlp", "--epochs", "1", "--max-steps", "3", "-o", "width=32",
-         "--out", str(tmp_path), "--name", "run", "--no-progress", "--eps", "0.25", "0.5"]
+         "--out", str(tmp_path), "--name", "run", "--no-progress", "--eps", "0.25", "0.5",
+         "--crown-points", "10", "--attack-points", "50"]
     )  # fmt: skip
     assert rc == 0
     folder = tmp_path / "run"
-    assert {p.name for p in folder.iterdir()} == {"card.json", "model.safetensors", "certified.png"}
+    assert {p.name for p in folder.iterdir()} == {
+        "card.json", "model.safetensors", "certified.png", "README.md",
+    }  # fmt: skip
     card = json.loads((folder / "card.json").read_text())
     for key in ("model", "data", "clean_accuracy", "certified_accuracy", "lipschitz_bound",
                 "lower_bound", "lipnets_version", "command"):  # fmt: skip
