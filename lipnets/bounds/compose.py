@@ -130,7 +130,8 @@ def compose(
     graph = model if isinstance(model, TracedGraph) else trace(model, input_shape)
     shapes = graph.shapes(torch.Size(input_shape)) if input_shape is not None else None
     with restored_buffers(graph.model), torch.no_grad():
-        return Fold(graph, shapes, leaf_value or own_bound).run()
+        # parametrized tensors realised once for this call (Note [Realised parametrizations])
+        return Fold(graph.realised(), shapes, leaf_value or own_bound).run()
 
 
 def own_bound(module: nn.Module, shape: torch.Size | None, where: str) -> torch.Tensor | None:

@@ -108,7 +108,7 @@ class Fold:
             for part in str(arg.target).split("."):
                 value = getattr(value, part)
         elif arg.op == "call_module":
-            value = self.gm.get_submodule(str(arg.target))(*args, **kwargs)
+            value = self.graph.module(arg)(*args, **kwargs)  # a realised parametrization
         elif arg.op == "call_method":
             value = getattr(args[0], str(arg.target))(*args[1:], **kwargs)
         else:

@@ -25,7 +25,10 @@ when a tensor is updated in place and read again through another name, or when
    only updates of the leaf's inputs count), and the count must equal the
    number of in-place updates the graph accepted; parameters, buffers and plain
    tensor or number attributes of every submodule must be unchanged
-   (`StateSnapshot`, taken before tracing); and the graph's output must equal
+   (`StateSnapshot`, taken before tracing), but for the state of the
+   parametrizations whose values the graph realises (Note [Realised
+   parametrizations] in `lipnets.graph.realise`), which is saved before the run
+   and restored after it; and the graph's output must equal
    the model's, per sample, to $\\sqrt{\\epsilon}$ of the dtype (`compare`).
 
 Random inputs for these checks come from a private ``torch.Generator``; the
@@ -50,10 +53,12 @@ from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
 from lipnets.errors import UntraceableModelError
+from lipnets.graph.ops import classify, first_operand
 
 __all__ = [
     "InPlaceAudit",
     "StateSnapshot",
+    "check_inplace",
     "compare",
     "flat_nodes",
     "flat_tensors",
@@ -80,11 +85,14 @@ def flat_nodes(value: Any) -> list[fx.Node]:
 
 
 class StateSnapshot:
-    """Parameters, buffers and plain tensor or number attributes of every submodule."""
+    """Parameters, buffers and plain tensor or number attributes of every submodule (but
+    those in ``skip``, by ``id``)."""
 
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(self, root: nn.Module, skip: frozenset[int] = frozenset()) -> None:
         self.items: list[tuple[str, Any, Any]] = []
         for prefix, module in root.named_modules():
+            if id(module) in skip:  # a realised parametrization's state, restored after a run
+                continue
             values = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
             values += [
                 (k, v)
@@ -216,3 +224,75 @@ def _close(got: Tensor, ref: Tensor) -> bool:
     close = ((g - r).abs() <= atol) | (g == r)  # == : infinities of one sign
     close |= torch.isnan(g) & torch.isnan(r)
     return bool(close.all())
+
+
+# Torch modules whose output is always a new tensor (never their input or a view of it).
+_FRESH_MODULES = (
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+)  # fmt: skip
+_NEW_KINDS = {
+    "add", "sub", "mul", "div", "neg", "maxmin", "clamp", "cat", "linear", "elementwise",
+    "reduce", "sort",
+}  # fmt: skip
+_VIEW_KINDS = {"copy", "getitem", "alias", "replicate"}
+
+
+def _inplace_module(module: nn.Module) -> bool:
+    """torch.nn's own classes honour their ``inplace`` flag; nobody else's counts."""
+    return type(module).__module__.startswith("torch.nn.") and bool(
+        getattr(module, "inplace", False)
+    )
+
+
+def check_inplace(graph: Any) -> int:
+    """Rule 1 of Note [Graph faithfulness]; returns the number of accepted in-place ops."""
+    fresh: set[fx.Node] = set()
+    accepted = 0
+    for node in graph.gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.op == "call_module":
+            module = graph.module(node)
+            inplace = _inplace_module(module)
+            new = not inplace and type(module).__module__.startswith("torch.nn.")
+            new = new and isinstance(module, _FRESH_MODULES)
+            kind = None
+        else:
+            spec = classify(node)
+            inplace = spec is not None and spec.inplace
+            kind = spec.kind if spec is not None else None
+            new = (kind in _NEW_KINDS and not inplace) or (kind == "alias" and spec.name == "clone")
+        source = first_operand(node)
+        if inplace:
+            others = [u for u in getattr(source, "users", {}) if u is not node]
+            if not isinstance(source, fx.Node) or others or source not in fresh:
+                users = ", ".join(repr(u.name) for u in others) or "an alias"
+                name = getattr(source, "name", "an operand")
+                raise UntraceableModelError(
+                    f"{graph.where(node)} modifies '{name}' in place, and that memory is also "
+                    f"reached through {users}; a traced graph cannot follow in-place updates "
+                    "there (Note [Graph faithfulness]), so use the out-of-place version"
+                )
+            accepted += 1
+            if len(source.users) == 1:
+                fresh.add(node)  # the updated fresh tensor, read once more at most
+        elif new:
+            fresh.add(node)
+        elif kind in _VIEW_KINDS and isinstance(source, fx.Node):
+            # An unshared view of a fresh tensor: updating it changes nothing another
+            # node reads (Linear -> Dropout -> ReLU(inplace=True)).
+            if source in fresh and len(source.users) == 1:
+                fresh.add(node)
+        elif node.op == "call_module" and isinstance(source, fx.Node):
+            if source in fresh and len(source.users) == 1 and _passes_through(graph.module(node)):
+                fresh.add(node)
+    return accepted
+
+
+def _passes_through(module: nn.Module) -> bool:
+    """torch.nn modules that return their input or a view of it (Identity, Dropout, Flatten)."""
+    return type(module).__module__.startswith("torch.nn.") and isinstance(
+        module, (nn.Identity, nn.modules.dropout._DropoutNd, nn.Flatten, nn.Unflatten)
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -25,15 +26,16 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from lipnets._state import restored_buffers
+from lipnets._state import STATE_LOCK, ModuleState, restored_buffers
 from lipnets.errors import (
     InvalidModelError,
     LipnetsError,
     UnboundedModuleError,
     UntraceableModelError,
 )
-from lipnets.graph.faithful import InPlaceAudit, StateSnapshot, compare
-from lipnets.graph.ops import FUNCTIONAL_MODULES, classify, first_operand
+from lipnets.graph.faithful import InPlaceAudit, StateSnapshot, check_inplace, compare
+from lipnets.graph.forms import load_peers
+from lipnets.graph.ops import FUNCTIONAL_MODULES, classify
 from lipnets.graph.policy import (
     check_model,
     module_kind,
@@ -41,9 +43,17 @@ from lipnets.graph.policy import (
     trusted_owner,
     unwrap,
 )
+from lipnets.graph.realise import realise, state_modules
 from lipnets.graph.tracer import functions_run, mutation_in, trace_graph
 
-__all__ = ["TracedGraph", "check_input_shape", "reuse_traces", "trace", "trace_count"]
+__all__ = [
+    "TracedGraph",
+    "check_input_shape",
+    "reuse_traces",
+    "reusing",
+    "trace",
+    "trace_count",
+]
 
 _CACHE_LOCK = threading.Lock()
 _TRACES = [0]
@@ -91,6 +101,11 @@ def reuse_traces() -> Iterator[None]:
         yield
     finally:
         _REUSE.reset(token)
+
+
+def reusing() -> bool:
+    """Whether a `reuse_traces` context is active, so that a graph may serve many calls."""
+    return _REUSE.get() is not None
 
 
 def trace_count() -> int:
@@ -144,6 +159,13 @@ class TracedGraph:
     Leaves run as they are, in whatever mode they are in."""
     _shapes: dict[Any, dict[fx.Node, torch.Size]] = field(default_factory=dict)
     _lock: Any = field(default_factory=threading.Lock)
+    memo: dict[Any, Any] = field(default_factory=dict)
+    """Consumers' caches that live as long as the graph (the propagation graphs of
+    `lipnets.propagation.graph.build`, per input batch shape); only a graph reused
+    within `reuse_traces` is asked for them twice."""
+    overrides: dict[str, nn.Module] = field(default_factory=dict)
+    """In a view made by `realised`, the modules that stand for graph targets in one call
+    (Note [Realised parametrizations] in `lipnets.graph.realise`)."""
 
     @property
     def name(self) -> str:
@@ -155,20 +177,49 @@ class TracedGraph:
         return nn.Sequential(self.model)
 
     def module(self, node: fx.Node) -> nn.Module:
-        return self.gm.get_submodule(str(node.target))
+        """The module a ``call_module`` node calls (in a `realised` view, its stand-in)."""
+        target = str(node.target)
+        found = self.overrides.get(target)
+        return self.gm.get_submodule(target) if found is None else found
+
+    def realised(self) -> TracedGraph:
+        """A view of this graph for one call, in which parametrized tensors are the values
+        they realise now, computed once, the model's state left as it was (Note [Realised
+        parametrizations] in `lipnets.graph.realise`); this graph itself when it reads
+        none."""
+        overrides = realise(self)
+        return dataclasses.replace(self, overrides=overrides) if overrides else self
+
+    def run(self, x: Tensor) -> Any:
+        """``model(x)``, with the state of the parametrizations the graph realises restored."""
+        with self.restoring():
+            return self.model(x)
+
+    @contextlib.contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Save the state of the parametrizations the graph realises and restore it on exit
+        (Note [State restored] in `lipnets._state`)."""
+        with STATE_LOCK:
+            state = ModuleState(state_modules(self))
+            try:
+                yield
+            finally:
+                state.restore()
 
     def leaves(self) -> list[nn.Module]:
+        """The model's own modules that ``call_module`` nodes call."""
         seen: dict[int, nn.Module] = {}
         for node in self.gm.graph.nodes:
             if node.op == "call_module":
-                m = self.module(node)
+                m = self.gm.get_submodule(str(node.target))
                 seen[id(m)] = m
         return list(seen.values())
 
     def where(self, node: fx.Node) -> str:
         """Where ``node`` is, for messages: the module's name and class, or the op inside it."""
         if node.op == "call_module":
-            return f"{user_name(str(node.target))} ({module_kind(self.module(node))})"
+            module = self.gm.get_submodule(str(node.target))
+            return f"{user_name(str(node.target))} ({module_kind(module)})"
         return op_where(node)
 
     def shapes(self, input_shape: torch.Size) -> dict[fx.Node, torch.Size]:
@@ -186,6 +237,7 @@ class TracedGraph:
         generator = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(input_shape, generator=generator, dtype=dtype, device=device)
         with restored_buffers(self.model), torch.no_grad(), _dropout_off(self.model):
+            view = self.realised()
             try:
                 reference = self.eager(x)
             except (LipnetsError, NotImplementedError):
@@ -196,7 +248,7 @@ class TracedGraph:
                     f"right?): {type(exc).__name__}: {exc}"
                 ) from exc
             try:
-                out = ShapeProp(self.gm).propagate(x.clone())
+                out = _ShapeProp(view).propagate(x.clone())
             except Exception as exc:  # the model ran: its graph does not
                 raise UntraceableModelError(
                     f"the graph torch.fx traced from {self.name} fails where the model runs "
@@ -215,10 +267,10 @@ class TracedGraph:
     def eager(self, x: Tensor) -> Any:
         """The model's output on ``x`` in eager mode, with rule 3 of Note [Graph faithfulness]
         checked: the in-place updates it makes and the state it leaves."""
-        state = StateSnapshot(self.root)
+        state = StateSnapshot(self.root, frozenset(map(id, state_modules(self))))
         audit = InPlaceAudit(self.leaves())
         try:
-            with torch.no_grad(), audit:
+            with self.restoring(), torch.no_grad(), audit:  # the restore is not audited
                 reference = self.model(x.clone())  # clone: the caller's x stays as it is
         finally:
             audit.close()
@@ -251,6 +303,9 @@ def op_where(node: fx.Node) -> str:
     if stack:
         qualname, cls = list(stack.values())[-1][:2]
         cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+        bases = getattr(cls, "__bases__", ())
+        if len(bases) == 1 and cls_name == f"Parametrized{bases[0].__name__}":
+            cls_name = bases[0].__name__  # the user's class, not parametrize's
         if qualname not in ("", "0") or len(stack) > 1:
             return f"{user_name(qualname)} ({cls_name}), {desc}"
     return desc
@@ -279,6 +334,14 @@ def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> TracedG
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     shape = check_input_shape(input_shape)
     model = unwrap(model)
+    # STATE_LOCK: the checks must not see another lipnets call's eval mode or its eager
+    # check's hooks (Note [State restored] in lipnets._state)
+    with STATE_LOCK:
+        return _trace(model, shape)
+
+
+def _trace(model: nn.Module, shape: torch.Size | None) -> TracedGraph:
+    load_peers(model)  # Note [Traced forms] in lipnets.graph.forms
     check_model(model)
     key = _fingerprint(model)
     cache = _REUSE.get()
@@ -333,81 +396,9 @@ def _build(model: nn.Module) -> TracedGraph:
         )
     graph = TracedGraph(model, gm, 0, [m for m in tracer.traced if m is not model])
     graph.modes = _modes(graph)
-    graph.inplace_ops = _check_inplace(graph)
+    graph.inplace_ops = check_inplace(graph)
     _refuse_random_and_out(graph)
     return graph
-
-
-# Torch modules whose output is always a new tensor (never their input or a view of it).
-_FRESH_MODULES = (
-    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-)  # fmt: skip
-_NEW_KINDS = {
-    "add", "sub", "mul", "div", "neg", "maxmin", "clamp", "cat", "linear", "elementwise",
-    "reduce", "sort",
-}  # fmt: skip
-_VIEW_KINDS = {"copy", "getitem", "alias", "replicate"}
-
-
-def _inplace_module(module: nn.Module) -> bool:
-    """torch.nn's own classes honour their ``inplace`` flag; nobody else's counts."""
-    return type(module).__module__.startswith("torch.nn.") and bool(
-        getattr(module, "inplace", False)
-    )
-
-
-def _check_inplace(graph: TracedGraph) -> int:
-    """Rule 1 of Note [Graph faithfulness]; returns the number of accepted in-place ops."""
-    fresh: set[fx.Node] = set()
-    accepted = 0
-    for node in graph.gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
-            continue
-        if node.op == "call_module":
-            module = graph.module(node)
-            inplace = _inplace_module(module)
-            new = not inplace and type(module).__module__.startswith("torch.nn.")
-            new = new and isinstance(module, _FRESH_MODULES)
-            kind = None
-        else:
-            spec = classify(node)
-            inplace = spec is not None and spec.inplace
-            kind = spec.kind if spec is not None else None
-            new = (kind in _NEW_KINDS and not inplace) or (kind == "alias" and spec.name == "clone")
-        source = first_operand(node)
-        if inplace:
-            others = [u for u in getattr(source, "users", {}) if u is not node]
-            if not isinstance(source, fx.Node) or others or source not in fresh:
-                users = ", ".join(repr(u.name) for u in others) or "an alias"
-                name = getattr(source, "name", "an operand")
-                raise UntraceableModelError(
-                    f"{graph.where(node)} modifies '{name}' in place, and that memory is also "
-                    f"reached through {users}; a traced graph cannot follow in-place updates "
-                    "there (Note [Graph faithfulness]), so use the out-of-place version"
-                )
-            accepted += 1
-            if len(source.users) == 1:
-                fresh.add(node)  # the updated fresh tensor, read once more at most
-        elif new:
-            fresh.add(node)
-        elif kind in _VIEW_KINDS and isinstance(source, fx.Node):
-            # An unshared view of a fresh tensor: updating it changes nothing another
-            # node reads (Linear -> Dropout -> ReLU(inplace=True)).
-            if source in fresh and len(source.users) == 1:
-                fresh.add(node)
-        elif node.op == "call_module" and isinstance(source, fx.Node):
-            if source in fresh and len(source.users) == 1 and _passes_through(graph.module(node)):
-                fresh.add(node)
-    return accepted
-
-
-def _passes_through(module: nn.Module) -> bool:
-    """torch.nn modules that return their input or a view of it (Identity, Dropout, Flatten)."""
-    return type(module).__module__.startswith("torch.nn.") and isinstance(
-        module, (nn.Identity, nn.modules.dropout._DropoutNd, nn.Flatten, nn.Unflatten)
-    )
 
 
 def _functions_as_modules(gm: fx.GraphModule) -> None:
@@ -474,6 +465,20 @@ def _refuse_random_and_out(graph: TracedGraph) -> None:
                 f"{graph.where(node)} has no bound rule: it draws random numbers (or reads "
                 "uninitialised memory), which a traced graph would freeze at one draw"
             )
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp over a `TracedGraph.realised` view: modules come from ``graph.module``."""
+
+    def __init__(self, graph: TracedGraph) -> None:
+        super().__init__(graph.gm)
+        self.view = graph
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.view.overrides.get(str(target))
+        if module is None:
+            return super().call_module(target, args, kwargs)
+        return module(*args, **kwargs)
 
 
 def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -37,6 +37,7 @@ import lipnets
 import lipnets.functional as LF
 from lipnets.errors import UntraceableModelError
 from lipnets.functional import activations as activations_module
+from lipnets.graph.forms import form_of
 from lipnets.graph.ops import TRACED_TORCH_MODULES
 
 __all__ = ["TRACE_LOCK", "Tracer", "functions_run", "mutation_in", "trace_graph"]
@@ -84,9 +85,10 @@ class Tracer(fx.Tracer):
         self.stack.append((self.path_of_module(m), type(m).__name__))
         if not self.is_leaf_module(m, self.stack[-1][0]):
             self.traced.append(m)
-        form = TRACED_TORCH_MODULES.get(type(m))
-        if form is not None and not self.is_leaf_module(m, self.stack[-1][0]):
-            forward = functools.partial(form, m)
+            # torch's table, or a registered class's form (Note [Traced forms])
+            form = TRACED_TORCH_MODULES.get(type(m)) or form_of(m)
+            if form is not None:
+                forward = functools.partial(form, m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -111,6 +113,16 @@ def trace_graph(
 ) -> tuple[fx.GraphModule, Tracer]:
     """Trace ``root`` (``nn.Sequential(model)``: one placeholder, the model called with
     its defaulted arguments as Python constants) into a GraphModule."""
+    if getattr(parametrize, "_cache_enabled", 0) and any(
+        parametrize.is_parametrized(m) for m in root.modules()
+    ):
+        # Inside cached(), reading a parametrized tensor returns (and stores) a cached value:
+        # the trace would freeze a weight, or leave its proxy in torch's global cache.
+        raise UntraceableModelError(
+            "lipnets cannot trace a model with parametrizations while "
+            "torch.nn.utils.parametrize.cached() is active (the trace would read cached "
+            "weights instead of the parametrizations); call lipnets outside that context"
+        )
     tracer = Tracer(is_leaf)
     try:
         graph = tracer.trace_module(root)

@@ -130,7 +130,7 @@ class Builder:
         if isinstance(output, fx.Node) and output in self.rep:
             out = self.materialize(output, None)
             values = evaluate(self.nodes, self.x)
-            return Graph(self.nodes, out, values[out], values)
+            return Graph(self.nodes, out, None, values)
         value = self.const(output)
         if not isinstance(value, Tensor):
             raise UnboundedModuleError(
@@ -141,7 +141,7 @@ class Builder:
 
     def run_concrete(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         if node.op == "call_module":
-            return self.gm.get_submodule(str(node.target))(*args, **kwargs)
+            return self.traced.module(node)(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         return node.target(*args, **kwargs)  # type: ignore[operator]
@@ -212,7 +212,7 @@ class Builder:
         raise self.no_rule(node)
 
     def convert_module(self, node: fx.Node) -> int | Lazy:
-        module = self.gm.get_submodule(str(node.target))
+        module = self.traced.module(node)  # a stand-in for a parametrized leaf
         if len(node.args) != 1 or node.kwargs or node.args[0] not in self.rep:
             raise self.no_rule(node, "it takes other arguments than one input-dependent tensor")
         rule = propagation_rule(module)

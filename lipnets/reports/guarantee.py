@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lipnets._progress import progress_bar
-from lipnets._state import eval_mode
+from lipnets._state import eval_mode, restored_buffers
 from lipnets.bounds import compose
 from lipnets.errors import InvalidModelError, LipnetsError
 from lipnets.estimators.autolip import autolip_leaves
@@ -267,7 +267,9 @@ def _leaf_inputs(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, lis
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        with eval_mode(model), torch.no_grad():
+        # restored_buffers: a parametrization that steps in every forward (orthogonium's power
+        # iteration) leaves the model as the bound saw it (Note [State restored])
+        with eval_mode(model), restored_buffers(root), torch.no_grad():
             out = model(x)
     except Exception as exc:
         raise ValueError(
