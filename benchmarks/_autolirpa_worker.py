@@ -12,7 +12,10 @@ child process. The protocol is one JSON object per line:
   ``DIR/tensors.pt`` (``state``: the state dict, ``x``: the centres, ``C``:
   an optional specification), computes the bounds with auto_LiRPA, saves
   ``{"lower", "upper"}`` to ``DIR/bounds.pt`` and answers
-  ``{"ok": true, "seconds": ...}``, or ``{"ok": false, "error": ...}``;
+  ``{"ok": true, "seconds": ...}``, or ``{"ok": false, "error": ...}``; with
+  ``"repeat": R`` in the job, the ``BoundedModule`` is built once and
+  ``compute_bounds`` called R times, and the answer also has ``build_s`` and
+  ``calls`` (the seconds of each call: `benchmarks/bound_speed.py`);
 * an empty line or the end of stdin ends it.
 
 Everything auto_LiRPA prints goes to stderr, which keeps stdout for the
@@ -152,7 +155,9 @@ def _gelu_module() -> type[nn.Module]:
     return Gelu
 
 
-def _run(job_dir: str) -> float:
+def _run(job_dir: str) -> dict:
+    """One job: build the BoundedModule and compute the bounds; with ``"repeat": R`` the
+    build is timed alone and then R calls of ``compute_bounds`` each (per-call times)."""
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 
     with open(os.path.join(job_dir, "job.json")) as f:
@@ -166,19 +171,27 @@ def _run(job_dir: str) -> float:
     norm = float("inf") if job["norm"] == "inf" else float(job["norm"])
     start = time.perf_counter()
     bounded = BoundedModule(model, x, bound_opts=job.get("bound_opts"), device="cpu", verbose=False)
+    build_s = time.perf_counter() - start
     ptb = PerturbationLpNorm(norm=norm, eps=float(job["eps"]))
-    lower, upper = bounded.compute_bounds(
-        x=(BoundedTensor(x, ptb),),
-        C=spec,
-        method=job["method"],
-        bound_lower=job.get("bound_lower", True),
-        bound_upper=job.get("bound_upper", True),
-    )
-    seconds = time.perf_counter() - start
+
+    def call():
+        return bounded.compute_bounds(
+            x=(BoundedTensor(x, ptb),),
+            C=spec,
+            method=job["method"],
+            bound_lower=job.get("bound_lower", True),
+            bound_upper=job.get("bound_upper", True),
+        )
+
+    calls = []
+    for _ in range(max(1, int(job.get("repeat", 1)))):
+        start = time.perf_counter()
+        lower, upper = call()
+        calls.append(time.perf_counter() - start)
     pairs = (("lower", lower), ("upper", upper))
     saved = {k: v.detach().clone() for k, v in pairs if v is not None}
     torch.save(saved, os.path.join(job_dir, "bounds.pt"))
-    return seconds
+    return {"seconds": build_s + calls[0], "build_s": build_s, "calls": calls}
 
 
 def main() -> None:
@@ -202,7 +215,7 @@ def main() -> None:
             break
         request = json.loads(line)
         try:
-            answer = {"ok": True, "seconds": _run(request["job"])}
+            answer = {"ok": True} | _run(request["job"])
         except Exception as err:  # reported to the main script, which records it
             traceback.print_exc()
             answer = {"ok": False, "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}

@@ -53,13 +53,15 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from lipnets._state import eval_mode
+from lipnets._checks import check_int
+from lipnets._progress import progress_bar
+from lipnets._state import eval_mode, restored_buffers
 from lipnets.functional.margins import (
     check_scores,
     margin,
     margin_spec,
 )
-from lipnets.graph import trace
+from lipnets.graph import reuse_traces, trace
 from lipnets.propagation.lirpa import check_args, check_norm, crown_bounds, interval_bounds
 
 __all__ = ["certify_crown"]
@@ -79,6 +81,8 @@ def certify_crown(
     *,
     norm: float | str = 2,
     method: str = "crown",
+    batch_size: int = 256,
+    progress: bool | None = None,
 ) -> Tensor:
     r"""Which samples are certified: no point of the $\varepsilon$-ball changes the prediction.
 
@@ -113,6 +117,11 @@ def certify_crown(
             `lipnets.propagation.alpha`) or ``"ibp"`` (interval bound
             propagation: faster, looser; it certifies a subset of CROWN's
             points). For complete verification, `lipnets.verify.verify`.
+        batch_size: samples bounded per call (the model is traced once for all
+            of them, `lipnets.graph.reuse_traces`); misclassified samples are
+            never bounded, as no bound certifies them.
+        progress: a `tqdm` progress bar over the batches; ``None`` (the
+            default): when stderr is a terminal and there is more than one batch.
 
     Returns:
         A bool tensor of shape ``(N,)`` on the device of ``x``: ``True`` where
@@ -160,11 +169,12 @@ def certify_crown(
         raise ValueError(f"method must be 'crown', 'alpha-crown' or 'ibp', got {method!r}")
     bounds_of = _METHODS[method.lower()]
     q = check_norm(norm)
+    batch_size = check_int(batch_size, "batch_size")
     x, radius = check_args(model, x, eps)
     trace(model)  # the front end's policies first (hooks, NaN weights), before any forward
     n = x.shape[0]
-    with eval_mode(model), torch.no_grad():
-        scores = model(x)
+    with eval_mode(model), torch.no_grad(), restored_buffers(model):
+        scores = model(x)  # the state the bounds see (Note [State restored] in lipnets._state)
     if not isinstance(scores, Tensor):
         raise TypeError(f"the model must return a tensor of scores, got {type(scores).__name__}")
     check_scores(scores)
@@ -178,5 +188,21 @@ def certify_crown(
     y = y.detach().to(scores.device)
     correct = margin(scores, y) > 0  # validates the labels (length, range) and the scores
     spec = margin_spec(scores, y, x.dtype)
-    lower = bounds_of(model, x, radius, norm=q, spec=spec).lower
-    return (lower > 0).all(dim=1) & correct.to(lower.device)
+    certified = torch.zeros(n, dtype=torch.bool, device=x.device)
+    todo = correct.nonzero().squeeze(1).to(x.device)
+    batches = todo.split(batch_size) if todo.numel() else ()
+    one = progress is None and len(batches) <= 1  # nothing to show progress over
+    bar = progress_bar(False if one else progress, len(batches), "certify_crown")
+    try:
+        with reuse_traces():  # one trace and one graph per batch shape for all batches
+            for part in batches:
+                lower = bounds_of(
+                    model, x[part], radius[part], norm=q, spec=spec[part.to(spec.device)]
+                ).lower
+                certified[part] = (lower > 0).all(dim=1).to(x.device)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return certified

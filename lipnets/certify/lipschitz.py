@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from lipnets._progress import progress_bar
-from lipnets._state import eval_mode
+from lipnets._state import eval_mode, restored_buffers
 from lipnets.bounds import compose, last_linear
 from lipnets.errors import InvalidModelError, UnboundedModuleError
 from lipnets.functional.margins import check_scores, class_indices, is_binary, margin
@@ -416,8 +416,10 @@ def certified_accuracy(
                 bound = bounds[shape]
             else:
                 bound = given
+            with restored_buffers(core):  # every batch scored by the state the bound saw
+                scores = model(x)
             r = certified_radius(
-                model(x),
+                scores,
                 y,
                 bound,
                 norm=norm,

@@ -24,21 +24,44 @@ a mismatch raises `UntraceableModelError`. The sampled points are a second
 line of defence, not a proof: a branch that only opens on a thin cap of the
 ball escapes them, and the refusals of Note [Graph faithfulness] are what
 keeps the graph equal to the model on the whole ball.
+
+# Note [Propagation graphs reused]
+
+Within `lipnets.graph.reuse_traces` (where the model's trace is reused, and the
+caller states that nothing outside the model changes what its ``forward``
+computes) the propagation graph built for a batch shape, dtype and device is
+kept with the traced graph and serves every later call on batches of that
+shape, as auto_LiRPA's ``BoundedModule`` serves every ``compute_bounds``. It is
+rebuilt, and checked again, as soon as any tensor the model can read (every
+parameter, buffer and tensor attribute of every submodule) differs from an
+exact copy taken at the build: an optimiser step, a ``load_state_dict``, an
+in-place edit through ``.data``. A kept graph skips the eager check on the
+centres and the checks on the balls, which it passed on the batch it was built
+on; it is checked again on the balls of a call whose radius is larger than any
+it was checked on, or in another norm. Node values are recomputed for every
+batch. Differentiable bounds (autograd on) never keep a graph: their ops hold
+weights connected to the parameters. Outside the context every call builds
+and checks afresh.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 from torch import Tensor, nn
 
 from lipnets.errors import UnboundedModuleError
-from lipnets.graph import TracedGraph, compare, trace
+from lipnets.graph import TracedGraph, compare, reusing, trace
 from lipnets.propagation._ops import Op
 
 __all__ = ["Graph", "Node", "build", "evaluate"]
+
+_LOCK = threading.Lock()
 
 _FAITHFUL_ROUNDS = 8
 """Batches of points of the balls (besides the centres) on which the graph is checked."""
@@ -64,21 +87,63 @@ class Graph:
     nodes: list[Node]
     output: int | None
     """The node holding the model's output, or None when the output is constant."""
-    output_value: Tensor
-    """The model's output on the input batch (as the graph computes it)."""
-    values: list[Tensor] = field(default_factory=list)
-    """Every node's value on the input batch."""
+    constant: Tensor | None
+    """The model's output when it does not depend on the input (``output`` is None)."""
+    values: Sequence[Tensor]
+    """Every node's value on the input batch (computed when first read, `Values`)."""
+
+    @property
+    def output_value(self) -> Tensor:
+        """The model's output on the input batch (as the graph computes it)."""
+        if self.output is None:
+            assert self.constant is not None
+            return self.constant
+        return self.values[self.output]
 
     def ancestors(self, target: int) -> list[int]:
         """Indices of the nodes ``target`` depends on (itself included), ascending."""
-        seen = {target}
-        stack = [target]
-        while stack:
-            for i in self.nodes[stack.pop()].inputs:
-                if i not in seen:
-                    seen.add(i)
-                    stack.append(i)
-        return sorted(seen)
+        return _ancestors(self.nodes, target)
+
+
+class Values(Sequence[Tensor]):
+    """The nodes' values on a batch, each computed when first read (a bound that never reads
+    a node's value does not pay for it)."""
+
+    def __init__(self, nodes: list[Node], x: Tensor) -> None:
+        self.nodes = nodes
+        self.found: dict[int, Tensor] = {0: x}
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @overload
+    def __getitem__(self, index: int) -> Tensor: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Tensor]: ...
+
+    def __getitem__(self, index: int | slice) -> Tensor | list[Tensor]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        i = range(len(self))[index]  # negative indices, and IndexError
+        if i not in self.found:
+            for j in _ancestors(self.nodes, i):  # ascending: inputs first
+                if j not in self.found:
+                    node = self.nodes[j]
+                    assert node.op is not None
+                    self.found[j] = node.op.forward([self.found[k] for k in node.inputs])
+        return self.found[i]
+
+
+def _ancestors(nodes: list[Node], target: int) -> list[int]:
+    seen = {target}
+    stack = [target]
+    while stack:
+        for i in nodes[stack.pop()].inputs:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return sorted(seen)
 
 
 def evaluate(nodes: list[Node], x: Tensor) -> list[Tensor]:
@@ -96,12 +161,28 @@ def build(
     """The propagation graph of ``model`` on the batch ``x`` (eval mode set by the caller).
 
     With ``radius`` (one per sample) the graph is also checked on points of the
-    balls of that radius in ``norm`` (Note [Graph checked on the balls]).
+    balls of that radius in ``norm`` (Note [Graph checked on the balls]). Within
+    `lipnets.graph.reuse_traces` the graph is kept and reused (Note [Propagation
+    graphs reused]).
     """
     from lipnets.propagation.builder import Builder  # the builder reads the rule registry
 
     traced = model if isinstance(model, TracedGraph) else trace(model)
-    builder = Builder(traced, x.clone())  # nothing the build runs can write into the caller's x
+    keep = reusing() and not torch.is_grad_enabled()
+    key = ("propagation", tuple(x.shape), x.dtype, x.device)
+    if keep:
+        kept = _kept(traced, key)
+        if kept is not None:
+            out = kept.graph.output
+            values = Values(kept.graph.nodes, x.clone())  # the caller's x stays as it is
+            graph = Graph(kept.graph.nodes, out, kept.graph.constant, values)
+            if radius is not None and out is not None and not kept.covers(radius, norm):
+                _check_on_balls(graph, traced, x, radius, norm)
+                kept.record(radius, norm)
+            return graph
+    # x cloned: nothing the build runs can write into the caller's x; parametrized tensors
+    # realised once for this build (Note [Realised parametrizations] in lipnets.graph.realise)
+    builder = Builder(traced.realised(), x.clone())
     graph = builder.run()
     reference = traced.eager(x)
     if not isinstance(reference, Tensor):
@@ -109,11 +190,84 @@ def build(
             f"{traced.name} returns {type(reference).__name__}; bound propagation needs a model "
             "that returns one tensor"
         )
-    out = graph.values[graph.output] if graph.output is not None else graph.output_value
-    compare(out, reference, traced.name, "on the input batch")
+    compare(graph.output_value, reference, traced.name, "on the input batch")
     if radius is not None and graph.output is not None:
         _check_on_balls(graph, traced, x, radius, norm)
+    if keep:
+        entry = _Kept(graph)
+        if radius is not None:
+            entry.record(radius, norm)
+        with _LOCK:
+            traced.memo[key] = entry
     return graph
+
+
+def _kept(traced: TracedGraph, key: object) -> _Kept | None:
+    """The graph kept for ``key``, if the model's tensors equal those it was built from;
+    when they differ, every kept graph is dropped and a new copy of the tensors taken (the
+    builds that follow are kept against it)."""
+    with _LOCK:
+        state = traced.memo.get("state")
+    if state is not None and state.unchanged():
+        with _LOCK:
+            return traced.memo.get(key)
+    fresh = _Snapshot(traced)
+    with _LOCK:
+        traced.memo.clear()
+        traced.memo["state"] = fresh
+    return None
+
+
+def _state_tensors(traced: TracedGraph) -> list[Tensor]:
+    """Every tensor the model's function can read: parameters, buffers and tensor attributes
+    (also in lists, tuples and dicts) of every submodule, and the graph's own constants."""
+    found: dict[int, Tensor] = {}
+
+    def add(value: object, depth: int = 0) -> None:
+        if isinstance(value, Tensor):
+            found.setdefault(id(value), value)
+        elif depth < 2 and isinstance(value, (list, tuple)):
+            for v in value:
+                add(v, depth + 1)
+        elif depth < 2 and isinstance(value, dict):
+            for v in value.values():
+                add(v, depth + 1)
+
+    for root in (traced.model, traced.gm):
+        for m in root.modules():
+            for v in vars(m).values():
+                add(v)
+    return list(found.values())
+
+
+class _Snapshot:
+    """Exact copies of the tensors a propagation graph was built from."""
+
+    def __init__(self, traced: TracedGraph) -> None:
+        self.pairs = [(t, t.detach().clone()) for t in _state_tensors(traced)]
+
+    def unchanged(self) -> bool:
+        return all(
+            t.shape == c.shape and t.dtype == c.dtype and t.device == c.device
+            and torch.equal(t.detach(), c)
+            for t, c in self.pairs
+        )  # fmt: skip
+
+
+@dataclass
+class _Kept:
+    """A propagation graph kept for one batch shape, with the balls it was checked on."""
+
+    graph: Graph
+    checked: dict[float, float] = field(default_factory=dict)
+    """Per norm, the largest radius whose balls the graph was checked on."""
+
+    def covers(self, radius: Tensor, norm: float) -> bool:
+        return norm in self.checked and float(radius.max()) <= self.checked[norm]
+
+    def record(self, radius: Tensor, norm: float) -> None:
+        with _LOCK:
+            self.checked[norm] = max(self.checked.get(norm, 0.0), float(radius.max()))
 
 
 def _check_on_balls(
@@ -141,6 +295,6 @@ def _check_on_balls(
                 )  # fmt: skip
         points = x + r * step
         with torch.no_grad():  # a check: no autograd graph, even for differentiable bounds
-            reference = traced.model(points.clone())
+            reference = traced.run(points.clone())  # parametrization state restored
             out = evaluate(graph.nodes, points)[graph.output]
         compare(out, reference, traced.name, "at points of the balls")

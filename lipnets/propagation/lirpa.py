@@ -289,8 +289,9 @@ def _bounds(
     with session(model, grad=True) if differentiable else session(model):
         graph = build(model, x, radius, q)
         n = x.shape[0]
-        out_shape = graph.output_value.shape
-        m = out_shape[1:].numel()
+        out = graph.output
+        out_shape = graph.output_value.shape if out is None else (n, *graph.nodes[out].shape)
+        m = math.prod(out_shape[1:])
         matrix = None if spec is None else check_spec(spec, n, m, x.dtype, x.device)
         if graph.output is None:
             value = graph.output_value.to(x.dtype)
@@ -299,7 +300,6 @@ def _bounds(
             flat = value.reshape(n, -1)
             lo, up = spec_interval(matrix, flat, flat)
             return Bounds(lo, up)
-        out = graph.output
         crown = mode != "ibp"
         # Note [Relaxation variants] in lipnets.propagation.propagator: one pass per variant
         variants = max((getattr(nd.op, "variants", 1) for nd in graph.nodes), default=1)
@@ -402,12 +402,13 @@ def _folded_spec(prop: Propagator, out: int, matrix: Tensor) -> tuple[Tensor, Te
         centre = torch.bmm(flat, prop.x.reshape(n, -1, 1)).squeeze(2) + bias
         spread = prop.eps.reshape(n, 1) * torch.linalg.vector_norm(flat, ord=dual, dim=-1)
         return centre - spread, centre + spread
-    lo = prop.lows[source].reshape(n, 1, -1)
-    up = prop.ups[source].reshape(n, 1, -1)
-    pos, neg = flat.clamp_min(0), flat.clamp_max(0)
-    low = (pos * lo + neg * up).sum(-1) + bias
-    high = (pos * up + neg * lo).sum(-1) + bias
-    return low, high
+    # centre and radius, as the interval rules of affine ops (Note [Interval rules]); the
+    # centre's image C (W c + b) is a product with the small spec, not with C W
+    half_lo, half_up = prop.lows[source] / 2, prop.ups[source] / 2
+    mid = node.op.apply(half_lo + half_up).reshape(n, -1, 1)
+    centre = torch.bmm(matrix.to(mid.dtype), mid).squeeze(2)
+    spread = torch.bmm(flat.abs(), (half_up - half_lo).reshape(n, -1, 1)).squeeze(2)
+    return centre - spread, centre + spread
 
 
 def _finite_or_infinite(lower: Tensor, upper: Tensor) -> Bounds:

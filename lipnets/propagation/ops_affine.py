@@ -136,6 +136,21 @@ class Affine(Op):
     dtype: torch.dtype
     device: torch.device
 
+    def abs_weight(self) -> Tensor:
+        """$|W|$ entrywise, for subclasses that hold a ``weight``."""
+        return self.weight.abs()  # type: ignore[attr-defined]
+
+    def memo(self, name: str, *args: object) -> Tensor | None:
+        """``getattr(self, name)(*args)`` (`dense`, `row_norms`, `abs_weight`), computed
+        once per op: an op's weights are fixed while it lives (a kept graph is rebuilt when
+        the model's tensors change, Note [Propagation graphs reused] in
+        `lipnets.propagation.graph`)."""
+        key = (name, *args)
+        cache = self.__dict__.setdefault("_memo", {})
+        if key not in cache:
+            cache[key] = getattr(self, name)(*args)
+        return cache[key]
+
     def apply(self, x: Tensor) -> Tensor:
         y = self.linear(x)
         b = self.bias()
@@ -148,7 +163,8 @@ class Affine(Op):
         lo, up = lows[0], ups[0]
         if self.monotone:
             return self.apply(lo), self.apply(up)
-        center, radius = lo / 2 + up / 2, up / 2 - lo / 2  # no overflow for finite lo, up
+        half_lo, half_up = lo / 2, up / 2  # no overflow for finite lo, up
+        center, radius = half_lo + half_up, half_up - half_lo
         c, r = self.apply(center), self.abs_linear(radius)
         return c - r, c + r
 
@@ -174,7 +190,7 @@ class Linear(Affine):
         return F.linear(x, self.weight)
 
     def abs_linear(self, r: Tensor) -> Tensor:
-        return F.linear(r, self.weight.abs())
+        return F.linear(r, self.memo("abs_weight"))
 
     def adjoint(self, a: Tensor) -> Tensor:
         return a @ self.weight
@@ -216,7 +232,7 @@ class Conv(Affine):
         return self._conv(x, self.weight)
 
     def abs_linear(self, r: Tensor) -> Tensor:
-        return self._conv(r, self.weight.abs())
+        return self._conv(r, self.memo("abs_weight"))
 
     def adjoint(self, a: Tensor) -> Tensor:
         m = self.module
