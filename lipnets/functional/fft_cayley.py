@@ -69,6 +69,9 @@ rows exactly when $Q$ has orthonormal columns.
 The inverse is well conditioned: $\mathrm{Re}\, z^H (I + A) z = \|z\|^2 +
 \|V z\|^2 \ge \|z\|^2$, so $\sigma_{\min}(I + A) \ge 1$ and
 $\|R\|_2 \le 1$; the rounding error of $Q$ grows with $1 + \|A\|_2$ only.
+The same property lets the CPU invert by 2 x 2 blocks without pivoting, in batched
+products, at half the cost of `torch.linalg.inv` (Note [Block inverse of the Cayley
+denominators] in `lipnets.functional._fft_autograd`, used while $\|I + A\|_2 \le 16$).
 
 # Note [Sound frequency bound]
 

@@ -152,6 +152,31 @@ def test_cayley_matrices_match_the_full_square_cayley_transform(shape):
     torch.testing.assert_close(q, full[:, :, :n], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(24, 24), (21, 17), (17, 40), (64, 64)], ids=str)
+def test_block_inverse_gives_the_cayley_transform_and_orthogonality(shape):
+    # Note [Block inverse of the Cayley denominators]: sizes >= 16 with small kernels (as at
+    # initialisation) take the block inverse; odd sizes split unevenly. float64: the full
+    # square Cayley transform; float32: every singular value within 1e-6 of 1.
+    m, n = shape
+    g = torch.Generator().manual_seed(3)
+    kernel = torch.rand(m, n, 3, 3, generator=g, dtype=torch.float64).sub(0.5) / (3 * n**0.5)
+    size = (6, 5)
+    z = FC.conv_frequency_matrices(kernel, size).reshape(-1, m, n)
+    q = FC.cayley_frequency_matrices(kernel, size).reshape(-1, m, n)
+    if m < n:
+        z, q, m, n = z.mT, q.mT, n, m
+    s = torch.zeros(z.shape[0], m, m, dtype=z.dtype)
+    s[:, :n, :n] = z[:, :n] - z[:, :n].mH
+    s[:, n:, :n] = z[:, n:]
+    s[:, :n, n:] = -z[:, n:].mH
+    eye = torch.eye(m, dtype=z.dtype)
+    full = torch.linalg.solve(eye + s, eye - s)
+    torch.testing.assert_close(q, full[:, :, :n], rtol=0, atol=1e-12)
+    q32 = FC.cayley_frequency_matrices(kernel.float(), (32, 32))
+    sigma = torch.linalg.svdvals(q32.to(torch.complex128))
+    assert (sigma - 1).abs().max() <= 1e-6
+
+
 def test_gradients_gradcheck_and_double_backward():
     # Note [Frequency convolution backward] and Note [Fused Cayley convolution backward]:
     # the hand-written backward passes, composed and fused, in float64; the fused op's
@@ -235,6 +260,28 @@ def test_hand_written_backward_equals_autograd_through_plain_ops():
     got = torch.autograd.grad((FC.fft_conv2d(x, q) * cot).sum(), (x, q))
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(5, 6), (3, 7), (4, 16), (2, 17), (3, 32)])
+def test_fft_conv2d_is_irfft2_of_the_products_on_every_inverse_path(size):
+    # Note [Frequency-major layout]: the inverse runs as an FFT along H, a transpose and a
+    # real inverse along W (a matrix product for W <= 16 on the CPU, irfft above): the same
+    # real operator as irfft2, also on matrices that are not Hermitian-consistent (whose
+    # self-conjugate bins irfft2 reads in its own way), forward and backward.
+    g = torch.Generator().manual_seed(2)
+    (height, width), (m, n, batch) = size, (3, 2, 2)
+    cols = width // 2 + 1
+    q = torch.randn(height, cols, m, n, generator=g, dtype=torch.complex128, requires_grad=True)
+    x = torch.randn(batch, n, height, width, generator=g, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(batch, m, height, width, generator=g, dtype=torch.float64)
+    y_hat = torch.einsum("hvmn,bnhv->bmhv", q, torch.fft.rfft2(x))
+    ref = torch.fft.irfft2(y_hat, s=(height, width))
+    y = FC.fft_conv2d(x, q)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    want = torch.autograd.grad((ref * cot).sum(), (x, q))
+    got = torch.autograd.grad((y * cot).sum(), (x, q))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_frequency_bound_and_error_on_known_matrices():
