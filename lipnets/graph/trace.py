@@ -68,8 +68,9 @@ def reuse_traces() -> Iterator[None]:
     and input sizes while its fingerprint is unchanged.
 
     The fingerprint covers what lipnets can see a trace depend on: each submodule's
-    identity, class and mode, its attributes (Python values by value, other objects by
-    identity), the identities of its parameters and buffers, and the rules registered.
+    identity, class (with its ``forward`` methods) and mode, its attributes (Python
+    values, lists, tuples and dicts by value; other objects by identity), the
+    identities of its parameters and buffers, and the rules registered.
     It cannot see everything a ``forward`` may read as a constant: a module-level
     global, a closure, a field of a config object. Entering the context states that
     none of those changes inside it. Weights may change (an optimiser step, a
@@ -516,9 +517,15 @@ def _fp(value: Any) -> Any:
         return (type(value), value)  # the type too: 1 == 1.0 == True, but a trace may differ
     if isinstance(value, (torch.dtype, torch.device, torch.Size)):
         return value
-    if isinstance(value, (tuple, list)) and len(value) <= 64:
+    if isinstance(value, (tuple, list)) and len(value) <= _BY_VALUE:
         return (type(value), tuple(_fp(v) for v in value))
+    if isinstance(value, dict) and len(value) <= _BY_VALUE:
+        return (type(value), tuple((_fp(k), _fp(v)) for k, v in value.items()))
     return ("id", id(value))
+
+
+_BY_VALUE = 1024
+"""Longest list, tuple or dict attribute fingerprinted by value (longer ones by identity)."""
 
 
 # nn.Module's own bookkeeping: the parts a trace can depend on are listed separately.
@@ -527,9 +534,10 @@ _MODULE_DICTS = {"_parameters", "_buffers", "_modules", "training"}
 
 def _fingerprint(model: nn.Module) -> Any:
     """What a trace depends on besides the values of weights (see `reuse_traces`): each
-    submodule's identity and class, its attributes, public or private (Python values by
-    value, other objects by identity), and which parameters and buffers it holds (by
-    identity: a reassigned parameter is a new graph input)."""
+    submodule's identity and class (and the ``forward`` methods of its class and bases),
+    its attributes, public or private (Python values, and lists, tuples and dicts of up
+    to 1024 items, by value; other objects by identity), and which parameters and buffers
+    it holds (by identity: a reassigned parameter is a new graph input)."""
     items = []
     for name, m in model.named_modules(remove_duplicate=False):
         attrs = tuple((k, _fp(v)) for k, v in vars(m).items() if k not in _MODULE_DICTS)
@@ -537,5 +545,7 @@ def _fingerprint(model: nn.Module) -> Any:
             (k, None if v is None else id(v))
             for k, v in (*m._parameters.items(), *m._buffers.items())
         )
-        items.append((name, id(m), type(m), attrs, tensors))
+        # the class's methods by identity: a method patched on the class between calls
+        methods = tuple(id(vars(c).get("forward")) for c in type(m).__mro__ if "forward" in vars(c))
+        items.append((name, id(m), type(m), methods, attrs, tensors))
     return (rules_version(), tuple(items))

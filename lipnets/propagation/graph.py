@@ -29,23 +29,36 @@ keeps the graph equal to the model on the whole ball.
 
 Within `lipnets.graph.reuse_traces` (where the model's trace is reused, and the
 caller states that nothing outside the model changes what its ``forward``
-computes) the propagation graph built for a batch shape, dtype and device is
-kept with the traced graph and serves every later call on batches of that
-shape, as auto_LiRPA's ``BoundedModule`` serves every ``compute_bounds``. It is
-rebuilt, and checked again, as soon as any tensor the model can read (every
-parameter, buffer and tensor attribute of every submodule) differs from an
-exact copy taken at the build: an optimiser step, a ``load_state_dict``, an
-in-place edit through ``.data``. A kept graph skips the eager check on the
-centres and the checks on the balls, which it passed on the batch it was built
-on; it is checked again on the balls of a call whose radius is larger than any
-it was checked on, or in another norm. Node values are recomputed for every
-batch. Differentiable bounds (autograd on) never keep a graph: their ops hold
-weights connected to the parameters. Outside the context every call builds
-and checks afresh.
+computes) the propagation graph built for a batch shape, strides, dtype and
+device is kept with the traced graph and serves every later call on such
+batches, as auto_LiRPA's ``BoundedModule`` serves every ``compute_bounds``.
+Three things keep a kept graph equal to the model:
+
+* an exact copy of every tensor lipnets can reach from the model (parameters,
+  buffers and tensor attributes of every submodule, and the tensors in the lists,
+  tuples, dicts, plain objects and unregistered modules they hold, breadth first
+  to depth 4): when any differs (an optimiser step, ``load_state_dict``, an edit
+  through ``.data``) every kept graph is dropped and the next call builds and
+  checks afresh;
+* the trace's fingerprint (`lipnets.graph.trace`), which covers attributes by
+  value (lists, tuples and dicts of up to 1024 items too) and the ``forward``
+  methods of every class: a change there is a new trace, hence a new graph;
+* on every call, the model run on the batch's first sample and compared with the
+  graph of that sample (built with the batch's graph, from the same state): a
+  change that neither sees (a global, a closure) and that shows on that sample
+  drops every kept graph, and the fresh build then checks the whole batch.
+
+A kept graph skips the eager check on the other centres and the checks on the
+balls, which it passed on the batch it was built on; it is checked again on the
+balls of a call whose radius is larger than any it was checked on, or in another
+norm. Node values are recomputed for every batch. Differentiable bounds
+(autograd on) never keep a graph: their ops hold weights connected to the
+parameters. Outside the context every call builds and checks afresh.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 from collections.abc import Sequence
@@ -55,7 +68,7 @@ from typing import overload
 import torch
 from torch import Tensor, nn
 
-from lipnets.errors import UnboundedModuleError
+from lipnets.errors import UnboundedModuleError, UntraceableModelError
 from lipnets.graph import TracedGraph, compare, reusing, trace
 from lipnets.propagation._ops import Op
 
@@ -169,17 +182,20 @@ def build(
 
     traced = model if isinstance(model, TracedGraph) else trace(model)
     keep = reusing() and not torch.is_grad_enabled()
-    key = ("propagation", tuple(x.shape), x.dtype, x.device)
+    key = _key(x)
     if keep:
         kept = _kept(traced, key)
         if kept is not None:
             out = kept.graph.output
             values = Values(kept.graph.nodes, x.clone())  # the caller's x stays as it is
             graph = Graph(kept.graph.nodes, out, kept.graph.constant, values)
-            if radius is not None and out is not None and not kept.covers(radius, norm):
-                _check_on_balls(graph, traced, x, radius, norm)
-                kept.record(radius, norm)
-            return graph
+            if _agrees(graph, traced, x):
+                if radius is not None and out is not None and not kept.covers(radius, norm):
+                    _check_on_balls(graph, traced, x, radius, norm)
+                    kept.record(radius, norm)
+                return graph
+            with _LOCK:  # the model computes something else now: build and check afresh
+                traced.memo.clear()
     # x cloned: nothing the build runs can write into the caller's x; parametrized tensors
     # realised once for this build (Note [Realised parametrizations] in lipnets.graph.realise)
     builder = Builder(traced.realised(), x.clone())
@@ -199,7 +215,36 @@ def build(
             entry.record(radius, norm)
         with _LOCK:
             traced.memo[key] = entry
+        if x.shape[0] > 1:
+            build(traced, x[:1])  # the first sample's graph, which checks this one later
     return graph
+
+
+def _key(x: Tensor) -> tuple[object, ...]:
+    """What a kept propagation graph is for: the batch's shape, strides, dtype and device."""
+    return ("propagation", tuple(x.shape), x.stride(), x.dtype, x.device)
+
+
+def _agrees(graph: Graph, traced: TracedGraph, x: Tensor) -> bool:
+    """Whether a kept graph still computes what the model computes, tested on the first
+    sample of the batch (Note [Propagation graphs reused]): a batch of one is compared
+    with the model, a larger batch through the graph of its first sample, built with it
+    from the same state (no such graph: False)."""
+    if x.shape[0] > 1:
+        x = x[:1]
+        with _LOCK:
+            probe = traced.memo.get(_key(x))
+        if probe is None:
+            return False
+        nodes = probe.graph.nodes
+        graph = Graph(nodes, probe.graph.output, probe.graph.constant, Values(nodes, x.clone()))
+    with torch.no_grad():
+        reference = traced.run(x.clone())
+    try:
+        compare(graph.output_value, reference, traced.name, "on the input batch")
+    except UntraceableModelError:
+        return False
+    return True
 
 
 def _kept(traced: TracedGraph, key: object) -> _Kept | None:
@@ -219,24 +264,33 @@ def _kept(traced: TracedGraph, key: object) -> _Kept | None:
 
 
 def _state_tensors(traced: TracedGraph) -> list[Tensor]:
-    """Every tensor the model's function can read: parameters, buffers and tensor attributes
-    (also in lists, tuples and dicts) of every submodule, and the graph's own constants."""
+    """Every tensor the model's function can read that lipnets can reach: parameters,
+    buffers and tensor attributes of every submodule and of the graph, and the tensors of
+    the lists, tuples, dicts, plain objects and unregistered modules they hold (a
+    parametrization may read any of them), to a depth of 4."""
     found: dict[int, Tensor] = {}
-
-    def add(value: object, depth: int = 0) -> None:
-        if isinstance(value, Tensor):
-            found.setdefault(id(value), value)
-        elif depth < 2 and isinstance(value, (list, tuple)):
-            for v in value:
-                add(v, depth + 1)
-        elif depth < 2 and isinstance(value, dict):
-            for v in value.values():
-                add(v, depth + 1)
-
-    for root in (traced.model, traced.gm):
-        for m in root.modules():
-            for v in vars(m).values():
-                add(v)
+    queue = collections.deque(
+        (m, 0) for root in (traced.model, traced.gm) for m in root.modules()
+    )  # breadth first: every object is reached at its least depth from a module
+    seen = {id(m) for m, _ in queue}
+    while queue:
+        value, depth = queue.popleft()
+        if isinstance(value, (list, tuple, set, frozenset)):
+            children = list(value)
+        elif isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, nn.Module) or (
+            hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value)
+        ):
+            children = list(vars(value).values())
+        else:
+            continue
+        for child in children:
+            if isinstance(child, Tensor):
+                found.setdefault(id(child), child)
+            elif depth < 4 and id(child) not in seen:
+                seen.add(id(child))
+                queue.append((child, depth + 1))
     return list(found.values())
 
 

@@ -80,7 +80,9 @@ def test_kept_graph_gives_the_fresh_bounds_exactly(builds, norm) -> None:
     with reuse_traces():
         kept = [(f(model, x, e, norm=norm)) for x in xs for e in (0.01, 0.05) for f in
                 (interval_bounds, crown_bounds)]  # fmt: skip
-    assert builds[0] - before == 1  # one batch shape: one build serves all twelve calls
+    # one batch shape: one build (and one of its first sample, which checks it on later
+    # calls) serves all twelve calls
+    assert builds[0] - before == 2
     assert all(_same(a, b) for a, b in zip(fresh, kept, strict=True))
 
 
@@ -165,7 +167,7 @@ def test_a_larger_radius_or_another_norm_is_checked_again(builds, monkeypatch) -
         for eps, norm in [(0.1, 2.0), (0.05, 2.0), (0.1, 2.0), (0.2, 2.0), (0.1, float("inf"))]:
             interval_bounds(model, x, eps, norm=norm)
     assert checks == [(0.1, 2.0), (0.2, 2.0), (0.1, float("inf"))]
-    assert builds[0] == 1
+    assert builds[0] == 2  # the batch's graph and its first sample's
 
 
 def test_differentiable_bounds_never_keep_a_graph(builds) -> None:
@@ -209,5 +211,36 @@ def test_threads_share_a_kept_graph(builds) -> None:
         for t in threads:
             t.join()
     assert not failures
-    assert builds[0] == 8 + 1  # the expected bounds, then one build for all threads
+    # the expected bounds, then one build (and its first sample's) for all threads
+    assert builds[0] == 8 + 2
     assert all(_same(got[k], expected[k]) for k in range(8))
+
+
+_SCALE = [1.0]
+
+
+class _ReadsAGlobal(nn.Module):
+    """A forward reading a module-level value: no copy of tensors and no fingerprint sees
+    it (reuse_traces asks that it does not change), but the check of a kept graph on the
+    batch's first sample does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.lin(x) * _SCALE[0]
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_a_change_no_copy_sees_is_caught_on_the_first_sample(n) -> None:
+    model = _ReadsAGlobal().to(DT).eval()
+    x = torch.randn(n, 6, dtype=DT)
+    try:
+        with reuse_traces():
+            interval_bounds(model, x, 0.1, norm=2)
+            _SCALE[0] = -4.0
+            with pytest.raises(lipnets.errors.UntraceableModelError):
+                interval_bounds(model, x, 0.1, norm=2)  # a fresh build refuses the stale trace
+    finally:
+        _SCALE[0] = 1.0
