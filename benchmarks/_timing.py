@@ -74,11 +74,23 @@ def interleaved_eval_medians(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _cpu_name() -> str:
+    """The CPU's model name where Linux reports one (ratios to nn.Conv2d depend on it),
+    else the architecture."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe(device: torch.device) -> str:
     """Where a table was measured: the device (or CPU and threads) and the torch version."""
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        cpu = platform.processor() or platform.machine()
-        where = f"{cpu} CPU, {torch.get_num_threads()} threads"
+        where = f"{_cpu_name()} CPU, {torch.get_num_threads()} threads"
     return f"{where}, torch {torch.__version__}"

@@ -234,18 +234,22 @@ def _c2r_matrix_cpu(width: int, dtype: torch.dtype) -> Tensor:
     return matrix.reshape(2 * cols, width).to(dtype)
 
 
-def _signal(y_hat: Tensor, height: int, width: int) -> Tensor:
+def _signal(pending: list[Tensor], height: int, width: int) -> Tensor:
     """`irfft2` of frequencies laid out as (H * (W//2 + 1), B, C), as (B, C, H, W).
 
     Note [Frequency-major layout]: the inverse FFT along H, one 2-D transpose, then the
-    real inverse along W (a matrix product for W <= 16 on the CPU).
+    real inverse along W (a matrix product for W <= 16 on the CPU). `pending` holds the
+    spectrum and is emptied (Note [Spectra freed early]).
     """
+    y_hat = pending.pop()
     bins, batch, channels = y_hat.shape
     cols = bins // height
+    on_cpu, dtype = y_hat.device.type == "cpu", y_hat.real.dtype
     along_h = torch.fft.ifft(y_hat.reshape(height, cols, batch * channels), dim=0)
+    del y_hat  # the transpose below can take its memory
     along_h = along_h.permute(2, 0, 1).contiguous()  # (B C, H, cols)
-    if width <= 16 and y_hat.device.type == "cpu":
-        matrix = _c2r_matrix_cpu(width, y_hat.real.dtype)
+    if width <= 16 and on_cpu:
+        matrix = _c2r_matrix_cpu(width, dtype)
         y = torch.view_as_real(along_h).reshape(-1, 2 * cols) @ matrix
     else:
         y = torch.fft.irfft(along_h, n=width, dim=-1)
@@ -266,11 +270,12 @@ class _FrequencyConv(torch.autograd.Function):
         freq = q.shape[0] * q.shape[1]
         q_flat = q.reshape(freq, *q.shape[2:])
         x_hat = _spectrum(x)  # (bins, B, n)
-        y_hat = x_hat @ q_flat.mT  # (bins, B, m)
+        pending = [x_hat @ q_flat.mT]  # (bins, B, m)
         keep = ctx.needs_input_grad[1]
         ctx.save_for_backward(x if keep else None, x_hat if keep else None, q)
         ctx.width = width
-        return _signal(y_hat, height, width)
+        del x_hat
+        return _signal(pending, height, width)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -288,8 +293,8 @@ class _FrequencyConv(torch.autograd.Function):
             if differentiable:
                 grad_x = _FrequencyConv.apply(grad, q.conj_physical().mT)
             else:
-                gx_hat = g_hat @ q.reshape(freq, m, n).conj_physical()  # (bins, B, n)
-                grad_x = _signal(gx_hat, height, width)
+                pending = [g_hat @ q.reshape(freq, m, n).conj_physical()]  # (bins, B, n)
+                grad_x = _signal(pending, height, width)
         if ctx.needs_input_grad[1]:
             if differentiable:  # x_hat must depend on x
                 x_hat = _spectrum(x)

@@ -89,17 +89,16 @@ same as in any float32 convolution).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lipnets._checks import check_int, check_int_pair, check_tensor
 from lipnets.functional._fft_autograd import _frequency_conv, _FrequencyConv, _transforms_active
 from lipnets.functional._fft_cayley_fused import _cayley_matrices, cayley_conv
 from lipnets.functional._fft_symmetry import _make_hermitian
+from lipnets.functional._fft_taps import _cayley_taps, _transfer_matrices
 from lipnets.functional.reshape import space_to_depth
 
 __all__ = [
@@ -130,56 +129,6 @@ def _device_type(tensor: object) -> str:
     return tensor.device.type if isinstance(tensor, Tensor) else "cpu"
 
 
-def _phases(size: int, taps: int, count: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    r"""Phase table $e^{2\pi i\, u (t - s) / N}$ for $u <$ `count`, $t <$ `taps`: (count, taps).
-
-    Angles are reduced modulo $N$ in integers and evaluated in float64; where
-    the phase is $\pm 1$ its imaginary part is exactly zero.
-    """
-    offsets = torch.arange(taps) - (taps - 1) // 2
-    residue = (torch.arange(count).unsqueeze(1) * offsets) % size
-    angle = residue.to(torch.float64) * (2 * math.pi / size)  # on the CPU: float64 everywhere
-    real = torch.where(residue == 0, 1.0, torch.cos(angle))
-    real = torch.where(2 * residue == size, -1.0, real)
-    imag = torch.where((residue == 0) | (2 * residue == size), 0.0, torch.sin(angle))
-    return torch.complex(real, imag).to(dtype).to(device)
-
-
-def _transfer_matrices(kernel: Tensor, height: int, width: int) -> Tensor:
-    r"""Flat (H * (W//2 + 1), m, n) transfer matrices of Note [Kernel transform].
-
-    A direct DFT of the $k_h \times k_w$ taps, separable: two small complex
-    products instead of an FFT of the kernel zero-padded to $H \times W$; the
-    phases are periodic, so taps beyond the grid wrap around by themselves.
-    """
-    m, n, kh, kw = kernel.shape
-    cols = width // 2 + 1
-    complex_dtype = kernel.dtype.to_complex()
-    phase_h = _phases(height, kh, height, complex_dtype, kernel.device)  # (H, kh)
-    phase_w = _phases(width, kw, cols, complex_dtype, kernel.device)  # (cols, kw)
-    taps = kernel.permute(2, 3, 0, 1).reshape(kh, kw, m * n).to(complex_dtype)
-    along_w = phase_w @ taps  # (kh, cols, m n)
-    full = phase_h @ along_w.reshape(kh, cols * m * n)  # (H, cols m n)
-    return full.reshape(height * cols, m, n)
-
-
-def _skew_taps(taps: Tensor) -> Tensor:
-    """Taps whose transfer matrices are $I + U - U^H$ (Note [Skew part in the tap domain]).
-
-    `taps` is the kernel in the tall orientation, (rows, k, kh, kw) with rows >= k; $U$ is
-    its top block.
-    """
-    n = taps.shape[1]
-    u = taps[:n]
-    # Odd tap counts are centred; an even count gets a zero tap in front, which
-    # keeps every tap's offset (t - (k - 1) // 2) and makes the offsets symmetric.
-    u = F.pad(u, (1 - u.shape[-1] % 2, 0, 1 - u.shape[-2] % 2, 0))
-    skew = u - u.flip(-2, -1).transpose(0, 1)
-    centre = skew[:, :, (skew.shape[-2] - 1) // 2, (skew.shape[-1] - 1) // 2]
-    centre.diagonal().add_(1)  # the identity, at offset 0 (phase exactly 1); a fresh tensor
-    return skew
-
-
 def _cayley_parts(kernel: Tensor, height: int, width: int) -> tuple[Tensor, Tensor | None, bool]:
     """$I + U - U^H$, the other rows $V$ (None if square) and whether the kernel is wide.
 
@@ -187,11 +136,9 @@ def _cayley_parts(kernel: Tensor, height: int, width: int) -> tuple[Tensor, Tens
     orientation (a wide kernel is transposed), flat over the bins: (bins, k, k) and
     (bins, rows - k, k). The top block $U$ itself is never needed, only its skew part.
     """
-    wide = kernel.shape[0] < kernel.shape[1]
-    taps = kernel.transpose(0, 1) if wide else kernel
-    k = taps.shape[1]
-    m = _transfer_matrices(_skew_taps(taps), height, width)
-    v = _transfer_matrices(taps[k:], height, width) if taps.shape[0] > k else None
+    skew, rows, wide = _cayley_taps(kernel)
+    m = _transfer_matrices(skew, height, width)
+    v = None if rows is None else _transfer_matrices(rows, height, width)
     return m, v, wide
 
 
@@ -401,7 +348,7 @@ def fft_cayley_conv2d(
     height, width = x.shape[-2:]
     with torch.autocast(_device_type(kernel), enabled=False):
         kernel = kernel.to(_compute_dtype(kernel.dtype))
-        y = cayley_conv(x.to(kernel.dtype), *_cayley_parts(kernel, height, width), height, width)
+        y = cayley_conv(x.to(kernel.dtype), *_cayley_taps(kernel), height, width)
     if bias is not None:
         y = y + bias.to(y.dtype).reshape(-1, 1, 1)
     return y
