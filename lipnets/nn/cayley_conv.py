@@ -21,7 +21,9 @@ $16 \times 16$, batch 64) these take about 0.7 + 0.3, 1.0 and 0.5 + 0.3 + 0.3 ms
 against 1.7 to 2 ms for the circular `nn.Conv2d` on an idle core: the batched
 product alone (MKL's complex GEMM, 75 MFLOP) is half the convolution's time, so the
 export stays above `nn.Conv2d` at small channel counts on that machine, and the
-ratio moves with the load on the shared cores (benchmarks/results/conv-cpu.md).
+ratio moves with the CPU and the load on the shared cores: on an AMD EPYC, where the
+convolution is slower, the export costs 0.60 to 1.17 times `nn.Conv2d`
+(benchmarks/results/conv-cpu.md).
 
 A plain circular `nn.Conv2d` cannot replace it exactly: the Cayley image of a
 $k \times k$ kernel is a rational function of the frequency, so its realised
