@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from lipnets.bounds.registry import as_bound
+from lipnets.bounds.registry import as_bound, find_rule
 from lipnets.bounds.rounding import add_up, div_up, mul_up, root_sum_squares, sqrt_up
 from lipnets.bounds.types import Composition, LeafBound, LeafValue
 from lipnets.bounds.where_rule import compare_bound, where_bound
@@ -31,6 +31,8 @@ from lipnets.graph import (
     trusted,
     user_name,
 )
+from lipnets.graph.conv_calls import stand_in
+from lipnets.graph.policy import draws_random
 
 __all__ = ["Fold", "last_linear"]
 
@@ -107,8 +109,15 @@ class Fold:
             value: Any = self.gm
             for part in str(arg.target).split("."):
                 value = getattr(value, part)
-        elif arg.op == "call_module":
-            value = self.graph.module(arg)(*args, **kwargs)  # a realised parametrization
+        elif arg.op == "call_module":  # a realised parametrization, or a module of constants
+            module = self.graph.module(arg)
+            if draws_random(module):
+                raise UnboundedModuleError(
+                    f"{self.where(node)}: its constant operand '{arg.name}' is computed by "
+                    f"{module_kind(module)} in training mode, which draws random numbers: a "
+                    "bound would hold for one draw only; bound the model in eval mode"
+                )
+            value = module(*args, **kwargs)
         elif arg.op == "call_method":
             value = getattr(args[0], str(arg.target))(*args[1:], **kwargs)
         else:
@@ -328,6 +337,17 @@ class Fold:
         weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
         value = self.const(weight, node)
         return mul_up(float(spectral_norm_bound(value, name="weight")), self.k(first_operand(node)))
+
+    def op_conv(self, node, spec, dependent) -> float:
+        """torch.nn's rule on the stand-in module (Note [Functional convolutions])."""
+        self.only_first_dependent(node, dependent)
+        where = self.where(node)
+        module = stand_in(node, lambda arg: self.const(arg, node), where)
+        rule = find_rule(module)
+        if rule is None:  # nn.Conv3d: no rule (Note [Functional convolutions])
+            raise UnboundedModuleError(f"{where} has no bound rule: {type(module).__name__}")
+        bound = as_bound(rule(module, self.shape(first_operand(node))), where)
+        return mul_up(float(bound), self.k(first_operand(node)))
 
     def op_reduce(self, node, spec, dependent) -> float:
         self.only_first_dependent(node, dependent)

@@ -235,8 +235,8 @@ _FRESH_MODULES = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
 )  # fmt: skip
 _NEW_KINDS = {
-    "add", "sub", "mul", "div", "neg", "maxmin", "clamp", "cat", "linear", "elementwise",
-    "reduce", "sort",
+    "add", "sub", "mul", "div", "neg", "maxmin", "clamp", "cat", "linear", "conv",
+    "elementwise", "reduce", "sort",
 }  # fmt: skip
 _VIEW_KINDS = {"copy", "getitem", "alias", "replicate"}
 

@@ -37,6 +37,8 @@ Kinds:
 * ``"clamp"``: ``clamp``/``clip`` (bounds may be tensors that broadcast);
 * ``"reduce"``: ``sum``/``mean``;
 * ``"linear"``: ``F.linear``;
+* ``"conv"``: ``F.conv1d``/``conv2d``/``conv3d`` (Note [Functional convolutions] in
+  `lipnets.graph.conv_calls`: torch.nn's rules applied to a stand-in module);
 * ``"fill"``: values that do not depend on the input's values (``zeros_like``),
   or only on a fill operand (``full_like``, ``new_full``);
 * ``"dropout"``: ``F.dropout`` and friends (random when ``training``);
@@ -295,6 +297,7 @@ _add("clamp", "clamp", torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max
 _add("reduce", "sum", torch.sum)
 _add("reduce", "mean", torch.mean)
 _add("linear", "linear", F.linear)
+_add("conv", "conv", F.conv1d, F.conv2d, F.conv3d)
 _add("fill", "zeros", torch.zeros_like)
 _add("fill", "ones", torch.ones_like)
 _add("fill", "full", torch.full_like)

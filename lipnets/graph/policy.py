@@ -48,6 +48,7 @@ from lipnets.errors import NonFiniteError, UnboundedModuleError
 __all__ = [
     "check_model",
     "defines_methods",
+    "draws_random",
     "module_kind",
     "register_rule_provider",
     "rule_decorator",
@@ -205,6 +206,15 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def draws_random(module: nn.Module) -> bool:
+    """Whether torch's module draws random numbers in its current mode: the dropout layers
+    and ``RReLU`` in training mode. On an input-dependent path their bound rules hold for
+    every draw; a value computed from constants alone (a weight passed through dropout)
+    would freeze one draw, so lipnets refuses to read it."""
+    random = (nn.modules.dropout._DropoutNd, nn.RReLU)
+    return module.training and isinstance(module, random)
 
 
 def module_kind(module: nn.Module) -> str:

@@ -31,7 +31,16 @@ import torch
 from torch import Tensor, fx
 
 from lipnets.errors import UnboundedModuleError
-from lipnets.graph import META_ATTRS, META_METHODS, TracedGraph, classify, flat_nodes, operand
+from lipnets.graph import (
+    META_ATTRS,
+    META_METHODS,
+    TracedGraph,
+    classify,
+    first_operand,
+    flat_nodes,
+    operand,
+)
+from lipnets.graph.conv_calls import stand_in
 from lipnets.propagation import _ops
 from lipnets.propagation import ops_softmax as ops_softmax  # registers its map rules
 from lipnets.propagation._ops import Op
@@ -205,6 +214,8 @@ class Builder:
             return self.alias(node, first)
         if spec.kind == "linear":
             return self.functional_linear(node)
+        if spec.kind == "conv":
+            return self.functional_conv(node)
         if spec.kind in _INDEX_KINDS:
             return self.index_op(node)
         if spec.kind == "map":  # by name (lipnets.propagation.linear_maps.map_rule)
@@ -397,6 +408,17 @@ class Builder:
         source = node.args[0] if node.args else node.kwargs["input"]
         weight, bias = self.const(weight), self.const(bias)
         return self.affine(node, source, lambda i, o: _ops.Linear(i, o, None, weight, bias))
+
+    def functional_conv(self, node: fx.Node) -> int | Lazy:
+        """Note [Functional convolutions]: torch.nn's rule on the stand-in module."""
+        source = first_operand(node)
+        others = (node.args[1:], {k: v for k, v in node.kwargs.items() if k != "input"})
+        if not node.args:  # the input by keyword: every positional argument is another
+            others = (node.args, others[1])
+        if any(self.dependent(a) for a in flat_nodes(others)):  # F.conv2d(x, x) included
+            raise self.no_rule(node, "an argument other than its input depends on the input")
+        module = stand_in(node, lambda arg: fx.node.map_arg(arg, self.const), self.where(node))
+        return propagation_rule(module)(self, node, module, source)
 
     # -- index operations (Note [Index operations]) -----------------------------
     def codes(self, index: int) -> Tensor:

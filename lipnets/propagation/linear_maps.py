@@ -41,7 +41,7 @@ from lipnets.functional import linear_maps as LM
 from lipnets.functional.norms import spectral_norm_bound
 from lipnets.graph import OpSpec, flat_nodes
 from lipnets.graph import linear_maps as GM
-from lipnets.propagation.ops_affine import Affine, held
+from lipnets.propagation.ops_affine import Affine, _per_dim, held
 from lipnets.propagation.rules import register_propagation
 
 if TYPE_CHECKING:
@@ -148,8 +148,8 @@ class ConvTranspose(Affine):
         n = len(in_shape) - 1
         m = module
         self.n = n
-        self.stride, self.padding = tuple(m.stride), tuple(m.padding)
-        self.dilation, self.groups = tuple(m.dilation), m.groups
+        self.stride, self.padding = _per_dim(m.stride, n), _per_dim(m.padding, n)
+        self.dilation, self.groups = _per_dim(m.dilation, n), m.groups
         ks = self.weight.shape[2:]
         self.extra = tuple(
             o - ((i - 1) * s - 2 * p + d * (k - 1) + 1)

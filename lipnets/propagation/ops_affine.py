@@ -28,6 +28,8 @@ outputs), which `crown_bounds` relies on (Note [CROWN never looser than IBP] in
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -214,6 +216,12 @@ class Linear(Affine):
         return super().dense(limit)
 
 
+def _per_dim(value: Any, n: int) -> tuple[int, ...]:
+    """A convolution's stride, padding or dilation as one int per spatial dimension."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return values * n if len(values) == 1 else values
+
+
 class Conv(Affine):
     """A convolution module's ``_conv_forward`` with its realised kernel (Conv1d/2d/3d, BCOP)."""
 
@@ -244,19 +252,24 @@ class Conv(Affine):
         # their adjoint folds the padded border back (the adjoint of F.pad).
         zeros = m.padding_mode == "zeros"
         size = list(self.in_shapes[0][1:])
+        # torch's convolutions read a one-entry stride, padding or dilation as that entry
+        # in every dimension (nn.Conv2d(..., padding=(1,)) keeps the 1-tuple)
+        stride, padding, dilation = (
+            _per_dim(v, len(size)) for v in (m.stride, m.padding, m.dilation)
+        )
         if not zeros:
             pads = m._reversed_padding_repeated_twice
             size = [n + pads[2 * (len(size) - 1 - i)] + pads[2 * (len(size) - 1 - i) + 1]
                     for i, n in enumerate(size)]  # fmt: skip
-        padding = m.padding if zeros else (0,) * len(size)
+        padding = padding if zeros else (0,) * len(size)
         extra = [
             n - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
             for n, o, s, p, d, k in zip(
-                size, a.shape[2:], m.stride, padding, m.dilation, self.weight.shape[2:], strict=True
+                size, a.shape[2:], stride, padding, dilation, self.weight.shape[2:], strict=True
             )
         ]
         transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(size) - 1]
-        g = transpose(a, self.weight, None, m.stride, padding, extra, m.groups, m.dilation)
+        g = transpose(a, self.weight, None, stride, padding, extra, m.groups, dilation)
         if zeros:
             return g
         pads, mode = m._reversed_padding_repeated_twice, m.padding_mode

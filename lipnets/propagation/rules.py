@@ -147,7 +147,23 @@ def _linear(b: Builder, node: fx.Node, module: Any, source: fx.Node) -> int:
 
 @register_propagation(nn.Conv1d, nn.Conv2d, nn.Conv3d, BCOPConv2d)
 def _conv(b: Builder, node: fx.Node, module: Any, source: fx.Node) -> int:
-    return b.affine(node, source, lambda i, o: _ops.Conv(i, o, module, module.weight, module.bias))
+    """The convolution with its realised kernel (also the stand-in of an ``F.convNd`` call,
+    Note [Functional convolutions]). Its input must be batched, (B, C, *spatial): lipnets
+    reads the first dimension as the batch, and torch reads an input of one dimension less
+    as one unbatched sample."""
+    weight, bias = module.weight, module.bias
+
+    def make(in_shape: torch.Size, out_shape: torch.Size) -> _ops.Conv:
+        if len(in_shape) != weight.ndim - 1:
+            raise b.no_rule(
+                node,
+                f"its input has {len(in_shape) + 1} dimensions, but a convolution with a "
+                f"{weight.ndim}-D kernel propagates batched inputs of {weight.ndim} (an "
+                "unbatched input's first dimension would be read as the batch)",
+            )
+        return _ops.Conv(in_shape, out_shape, module, weight, bias)
+
+    return b.affine(node, source, make)
 
 
 @register_propagation(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

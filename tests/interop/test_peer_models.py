@@ -201,18 +201,40 @@ def test_report_leaves_the_model_unchanged(peer) -> None:
     _assert_unchanged(model, saved, reference, x)
 
 
-def test_deel_conv_layers_are_refused_by_name_and_bounded_after_deels_export() -> None:
-    """SpectralConv2d's forward calls F.conv2d, which has no rule: refused, naming the
-    layer by its class (not parametrize's); deel-torchlip's own export is bounded."""
+def test_deel_conv_layers_are_bounded_from_their_realised_weights() -> None:
+    """SpectralConv2d and FrobeniusConv2d are traced into: their forward calls F.conv2d
+    with the weight the parametrizations realise (Note [Functional convolutions]). The
+    bound, CROWN and IBP equal those of deel-torchlip's own export, the bound is sound,
+    and the model is left as it was."""
     with _float64(3):
-        model = tl.Sequential(tl.SpectralConv2d(2, 4, 3, padding=1), tl.GroupSort2())
+        model = tl.Sequential(
+            tl.SpectralConv2d(2, 4, 3, padding=1), tl.GroupSort2(),
+            tl.FrobeniusConv2d(4, 4, 3, padding=1),
+        )  # fmt: skip
     model.eval()
-    with pytest.raises(lipnets.errors.UnboundedModuleError, match=r"0 \(SpectralConv2d\).*conv2d"):
-        lipnets.lipschitz_bound(model, (1, 2, 5, 5))
+    shape = (1, 2, 6, 6)
+    x = torch.rand(3, 2, 6, 6, generator=torch.Generator().manual_seed(4), dtype=DT)
+    saved, reference = _tensors(model), copy.deepcopy(model)
+    bound = lipnets.lipschitz_bound(model, shape)
+    lo, up = crown_bounds(model, x, 0.1, norm=2)
+    ilo, iup = interval_bounds(model, x, 0.1, norm="linf")
+    _assert_unchanged(model, saved, reference, x)
     plain = tl.vanilla_model(model, in_place=False)
-    bound = float(lipnets.lipschitz_bound(plain, (1, 2, 5, 5)))
-    exact = spectral_norm(dense_jacobian(plain[0], torch.zeros(1, 2, 5, 5, dtype=DT)))
-    assert exact <= bound <= 1.05 * exact  # zero padding: the conv rule is an upper bound
+    assert torch.equal(bound, lipnets.lipschitz_bound(plain, shape))
+    lo_v, up_v = crown_bounds(plain, x, 0.1, norm=2)
+    assert torch.equal(lo, lo_v) and torch.equal(up, up_v)
+    ilo_v, iup_v = interval_bounds(plain, x, 0.1, norm="linf")
+    assert torch.equal(ilo, ilo_v) and torch.equal(iup, iup_v)
+    exact = spectral_norm(dense_jacobian(plain[0], torch.zeros(shape, dtype=DT)))
+    first = float(lipnets.lipschitz_bound(nn.Sequential(model[0]), shape))
+    assert exact <= first <= 1.05 * exact  # zero padding: the conv rule is an upper bound
+    lower = float(lower_bound(plain, x, steps=20, restarts=2))
+    assert lower <= float(bound) * (1 + SLACK)
+    n = 1000
+    with torch.no_grad():
+        out = plain(_ball(x, 0.1, n, 5)).reshape(3, n, -1)
+    assert bool((out >= lo.flatten(1)[:, None] - SLACK).all())
+    assert bool((out <= up.flatten(1)[:, None] + SLACK).all())
 
 
 def test_certification_entry_points_leave_a_stepping_model_unchanged() -> None:
