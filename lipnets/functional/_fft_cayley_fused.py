@@ -182,7 +182,7 @@ class _CayleyConv(torch.autograd.Function):
 
 
 def _parts(skew: Tensor, rows: Tensor | None, height: int, width: int):
-    """The transfer matrices $I + U - U^H$ and $V$ (None) of the taps."""
+    """The transfer matrices $I + U - U^H$ and $V$ (None for a square kernel) of the taps."""
     v = None if rows is None else _transfer_matrices(rows, height, width)
     return _transfer_matrices(skew, height, width), v
 
