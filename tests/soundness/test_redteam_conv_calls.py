@@ -104,7 +104,24 @@ def test_a_weight_through_dropout_in_training_is_refused(linear) -> None:
     shape = (1, 16) if linear else (1, 2, 4, 4)
     with pytest.raises(UnboundedModuleError, match="Dropout in training mode"):
         lipnets.lipschitz_bound(model, input_shape=shape)
+    # Propagation bounds the eval-mode function (dropout the identity) in every entry point,
+    # the same on every call, and leaves the model in training mode.
+    x = torch.rand(2, *shape[1:], generator=torch.Generator().manual_seed(1), dtype=DT)
+    train = [
+        crown_bounds(model, x, 0.1, norm="linf"),
+        interval_bounds(model, x, 0.1, norm="linf"),
+        (local_lipschitz(model, x, 0.1),),
+    ]
+    assert model.training
     model.eval()
+    evaluated = [
+        crown_bounds(model, x, 0.1, norm="linf"),
+        interval_bounds(model, x, 0.1, norm="linf"),
+        (local_lipschitz(model, x, 0.1),),
+    ]
+    for got, want in zip(train, evaluated, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    _assert_contains(model, x, 0.1, "linf", evaluated[0])
     fn = (lambda z: F.linear(z, model.w)) if linear else (lambda z: F.conv2d(z, model.w, padding=1))
     exact = _exact(fn, shape)
     bound = float(lipnets.lipschitz_bound(model, input_shape=shape))
